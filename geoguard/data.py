@@ -1,0 +1,108 @@
+"""Turn chat or plain-text samples into token batches that know their prompt and response spans.
+
+A *sample* is either a chat (`{"messages": [{"role", "content"}, ...]}`, the last message being
+the response) or plain text (`{"text": ...}` or a `str`). Plain text counts as all response: it
+is what a model would be trained to produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+Span = Literal["all", "prompt", "response"]
+"""Which tokens of a sample to use: `all`, the `prompt` (chat turns before the last), or the `response`."""
+
+Sample = str | dict[str, Any]
+
+
+@dataclass
+class TokenizedSample:
+    """Token ids of one sample and a 0/1 mask of its response tokens."""
+
+    input_ids: list[int]
+    response_mask: list[int]
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch. Tensors are `(batch, seq)`; `indices` map rows back to the input order."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    indices: list[int]
+
+    def span_mask(self, span: Span) -> torch.Tensor:
+        """Boolean `(batch, seq)` mask of the real (non-pad) tokens in `span`."""
+        real = self.attention_mask.bool()
+        if span == "all":
+            return real
+        response = self.response_mask.bool()
+        return real & (response if span == "response" else ~response)
+
+
+def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_length: int = 512) -> TokenizedSample:
+    """Tokenize one chat or plain-text sample with the model's chat template.
+
+    Raises:
+        ValueError: when the sample is neither a non-empty string, `{"text": str}` nor
+            `{"messages": [...]}` ending with a non-empty message.
+    """
+    if isinstance(sample, dict) and "messages" in sample:
+        messages = sample["messages"]
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise ValueError("'messages' must be a non-empty list of {'role': str, 'content': str} dicts.")
+        full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+        if len(messages) == 1:
+            prompt_len = 0
+        else:
+            prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+            prompt_len = len(prompt) if full[: len(prompt)] == prompt else 0
+        ids = full[:max_length]
+        return TokenizedSample(ids, [int(i >= prompt_len) for i in range(len(ids))])
+    text = sample["text"] if isinstance(sample, dict) and "text" in sample else sample
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("A sample must be a non-empty string, {'text': str}, or {'messages': [...]}.")
+    ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return TokenizedSample(ids, [1] * len(ids))
+
+
+def iter_token_batches(
+    tokenized: Sequence[TokenizedSample], *, batch_size: int, pad_token_id: int, max_tokens: int | None = None
+) -> Iterator[TokenBatch]:
+    """Yield length-sorted, right-padded batches (longest first, so memory peaks early).
+
+    Sorting by length keeps padding waste small; `indices` restores the original order.
+    `max_tokens` additionally caps `batch * seq` per batch.
+    """
+    order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
+    start = 0
+    while start < len(order):
+        longest = len(tokenized[order[start]].input_ids)
+        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(longest, 1)))
+        rows = order[start : start + size]
+        start += size
+        ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        response = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(tokenized[i].input_ids)
+            ids[r, :n] = torch.tensor(tokenized[i].input_ids)
+            attention[r, :n] = 1
+            response[r, :n] = torch.tensor(tokenized[i].response_mask)
+        yield TokenBatch(ids, attention, response, rows)
+
+
+def _is_message(message: object) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    # transformers 5 returns a BatchEncoding, 4.x a list of ids.
+    return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -1,0 +1,87 @@
+"""Load SAEs through sae-lens and check that an SAE fits the model it will read.
+
+Two ways in, as in sae-lens: `SAE.from_pretrained(release, sae_id)` for published SAEs (Gemma
+Scope, Llama Scope, ...; needs the Hub) and `SAE.load_from_disk(path)` for local ones, including
+the SAE geoguard ships for its embedded model (`EMBEDDED_SAE`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sae_lens import SAE
+from torch import nn
+
+from geoguard.capture import HookPoint, resolve_hook_point, unwrap_model
+
+EMBEDDED_SAE = "embedded:smollm2-135m-instruct-l11"
+"""Name of the TopK SAE shipped for the embedded model (layer 11 residual stream, 8192 features)."""
+
+RESOURCES = Path(__file__).parent / "resources"
+
+
+def embedded_sae_dir() -> Path:
+    """Directory of the shipped SAE (cfg.json, sae_weights.safetensors, CARD.md)."""
+    return RESOURCES / "sae" / EMBEDDED_SAE.removeprefix("embedded:")
+
+
+def load_sae(release_or_path: str = EMBEDDED_SAE, sae_id: str | None = None, *, device: str = "cpu") -> SAE:
+    """Load an SAE with sae-lens.
+
+    Args:
+        release_or_path (`str`, defaults to `EMBEDDED_SAE`):
+            A sae-lens release (with `sae_id`), a local directory written by
+            `save_inference_model`, or `EMBEDDED_SAE`.
+        sae_id (`str`, *optional*):
+            The SAE inside a published release, e.g. `"layer_12/width_16k/canonical"`.
+        device (`str`, defaults to `"cpu"`):
+            Device for the SAE weights.
+
+    Returns:
+        The `sae_lens.SAE` (its class follows the architecture in its config).
+
+    Example:
+        ```python
+        sae = load_sae()  # the embedded model's SAE
+        sae = load_sae("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical")
+        ```
+    """
+    if sae_id is not None:
+        return SAE.from_pretrained(release_or_path, sae_id, device=device)
+    path = embedded_sae_dir() if release_or_path == EMBEDDED_SAE else Path(release_or_path)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(
+            f"No SAE at {path} (cfg.json missing). Pass a directory written by sae-lens' save_inference_model, "
+            "or a published release together with its sae_id."
+        )
+    return SAE.load_from_disk(str(path), device=device)
+
+
+def sae_hook_name(sae: SAE) -> str:
+    """Return the hook name an SAE was trained at: its HF hook point if recorded, else its sae-lens hook name."""
+    metadata = sae.cfg.metadata
+    hook = metadata.get("hf_hook_name") or metadata.get("hook_name")
+    if not hook:
+        raise ValueError("The SAE's config records no hook_name; pass the hook name explicitly.")
+    return hook
+
+
+def check_sae_fits(sae: SAE, model: nn.Module, hook_name: str | None = None) -> HookPoint:
+    """Check that `sae` can read `model` at its hook point and return that hook point.
+
+    Raises:
+        ValueError: when the SAE's `d_in` differs from the model's hidden size, or its hook point
+            does not exist in the model (e.g. a layer beyond the model's depth).
+    """
+    base = unwrap_model(model)
+    d_model = base.config.get_text_config().hidden_size
+    if sae.cfg.d_in != d_model:
+        raise ValueError(
+            f"SAE d_in={sae.cfg.d_in} does not match the model's hidden size {d_model} "
+            f"({base.config.model_type}); the SAE was trained on another model. Load the SAE made for this model."
+        )
+    hook = hook_name or sae_hook_name(sae)
+    try:
+        return resolve_hook_point(base, hook)
+    except ValueError as err:
+        raise ValueError(f"SAE hook point {hook!r} does not fit this model: {err}") from err

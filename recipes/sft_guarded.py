@@ -1,0 +1,91 @@
+"""Guarded supervised fine-tuning: TRL's SFTTrainer with `GeoGuardCallback` watching toxic-feature drift.
+
+On the embedded default (SmolLM2-135M-Instruct, its shipped SAE and toxic feature set, a LoRA
+adapter, the shipped 128-chat demo mix), on a CPU machine in a few minutes:
+
+    accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml
+    tensorboard --logdir outputs/sft_guarded/runs
+
+Any Hub model, SAE and data work the same way, e.g.:
+
+    accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml \
+        --model_name_or_path google/gemma-2-2b --geoguard_sae gemma-scope-2b-pt-res-canonical \
+        --geoguard_sae_id layer_12/width_16k/canonical --geoguard_feature_set my_toxic_set/ \
+        --dataset_path my_data.jsonl
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_dataset
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
+from geoguard.models import EMBEDDED_MODEL, load_model
+from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+from geoguard.sae import EMBEDDED_SAE, load_sae
+
+DEMO_DATA = Path(__file__).parent / "data" / "sft_mix.jsonl"
+
+
+@dataclass
+class GuardedSFTArguments:
+    """Data and guard settings of the recipe (model and training settings come from ModelConfig / SFTConfig)."""
+
+    dataset_path: str = field(
+        default=str(DEMO_DATA),
+        metadata={"help": "Local JSON/JSONL file of chats ({'messages': [...]}) or a `datasets` Hub id."},
+    )
+    geoguard_sae: str = field(
+        default=EMBEDDED_SAE,
+        metadata={"help": "SAE: a local sae-lens directory, a sae-lens release (with --geoguard_sae_id), or the embedded one."},
+    )
+    geoguard_sae_id: str | None = field(default=None, metadata={"help": "SAE id inside a sae-lens release."})
+    geoguard_feature_set: str = field(
+        default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Directory of the toxic feature set selected on this SAE."}
+    )
+    geoguard_probe_path: str | None = field(
+        default=None, metadata={"help": "JSONL probe prompts; default: Betley et al.'s 8 questions + 16 harmful requests."}
+    )
+    geoguard_every_n_steps: int = field(default=5, metadata={"help": "Measure the probe drift every N optimizer steps."})
+
+
+def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    model, tokenizer = load_model(model_args.model_name_or_path or EMBEDDED_MODEL, dtype=model_args.dtype or "float32")
+    sae = load_sae(script_args.geoguard_sae, script_args.geoguard_sae_id)
+    guard = GeoGuardCallback(
+        sae,
+        FeatureSet.load(script_args.geoguard_feature_set, sae=sae),
+        tokenizer,
+        probe_samples=load_probe_prompts(script_args.geoguard_probe_path) if script_args.geoguard_probe_path else None,
+        every_n_steps=script_args.geoguard_every_n_steps,
+    )
+
+    path = Path(script_args.dataset_path)
+    if path.suffix in {".json", ".jsonl"}:
+        dataset = load_dataset("json", data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(script_args.dataset_path, split="train")
+    if "messages" not in dataset.column_names:
+        raise ValueError(f"{script_args.dataset_path} needs a 'messages' column of chats; it has {dataset.column_names}.")
+    dataset = dataset.select_columns(["messages"])
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[guard],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}; drift curves under {training_args.output_dir}/runs.")
+    trainer.end()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((GuardedSFTArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())
