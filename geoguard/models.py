@@ -106,7 +106,7 @@ def load_model(
         model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16")
         ```
     """
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'.")
     source: str | Path = name_or_path

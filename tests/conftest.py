@@ -1,0 +1,52 @@
+"""Shared test set-up: offline, seeded, and tiny model / SAE builders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from geoguard.models import load_model
+
+
+def tiny_llama(n_layers: int = 4, d_model: int = 64, vocab: int = 128, seed: int = 0):
+    """A randomly initialised 4-layer Llama small enough for unit tests."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_sae(d_in: int = 64, d_sae: int = 256, k: int = 8, layer: int = 1, seed: int = 0) -> TopKSAE:
+    """A random TopK SAE reading `blocks.{layer}.hook_resid_post`."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(0, 0.1)
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    return sae
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct and its tokenizer (converted from GGUF on first use)."""
+    return load_model()

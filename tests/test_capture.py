@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from conftest import tiny_llama
+from geoguard.capture import SinkRule, capture, iter_activations, resolve_hook_point, run_to_hook, unwrap_model
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+ARCHITECTURES = {
+    "llama": (LlamaConfig(vocab_size=128, **SMALL), "model.layers"),
+    "mistral": (MistralConfig(vocab_size=128, **SMALL), "model.layers"),
+    "qwen2": (Qwen2Config(vocab_size=128, **SMALL), "model.layers"),
+    "gemma2": (Gemma2Config(vocab_size=128, head_dim=16, **SMALL), "model.layers"),
+    "gemma3": (Gemma3TextConfig(vocab_size=128, head_dim=16, **SMALL), "model.layers"),
+    "gpt2": (GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4), "transformer.h"),
+}
+
+
+def _inputs(batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 128, (batch, seq)), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_hook_names_resolve_to_the_residual_stream_of_every_architecture(arch):
+    config, layers = ARCHITECTURES[arch]
+    model = AutoModelForCausalLM.from_config(config).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    for hook_name in ("blocks.1.hook_resid_post", f"{layers}.1", f"{layers}.1.output"):
+        assert resolve_hook_point(model, hook_name).layer == 1
+        with torch.no_grad():
+            acts = run_to_hook(model, hook_name, early_exit=False, **inputs)
+        torch.testing.assert_close(acts, hidden[2])  # hidden_states[i + 1] is the output of layer i
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_early_exit_gives_the_same_activations_as_a_full_forward(arch):
+    model = AutoModelForCausalLM.from_config(ARCHITECTURES[arch][0]).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        full = run_to_hook(model, "blocks.1.hook_resid_post", early_exit=False, **inputs)
+        early = run_to_hook(model, "blocks.1.hook_resid_post", early_exit=True, **inputs)
+    torch.testing.assert_close(early, full, rtol=0, atol=0)
+
+
+def test_early_exit_skips_the_layers_after_the_hook():
+    model = tiny_llama()
+    calls = []
+    model.model.layers[2].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        run_to_hook(model, "blocks.1.hook_resid_post", **_inputs())
+    assert calls == []
+
+
+def test_hf_hook_point_of_the_bare_model_resolves_on_the_causal_lm():
+    model = tiny_llama()
+    # Published HF hook points may be written for the bare LlamaModel ("layers.1") or the LM ("model.layers.1").
+    assert resolve_hook_point(model, "model.layers.1.output").module_path == "model.layers.1"
+    assert resolve_hook_point(model, "model.layers.1.mlp").layer == 1
+    assert resolve_hook_point(model, "model.layers.1.mlp.input").read_input
+
+
+@pytest.mark.parametrize(
+    "hook_name, message",
+    [("blocks.9.hook_resid_post", "does not name a module"), ("model.norm", "not inside a decoder layer"), ("nope", "does not name")],
+)
+def test_bad_hook_names_fail_with_a_clear_message(hook_name, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_hook_point(tiny_llama(), hook_name)
+
+
+def test_peft_wrapped_model_matches_plain_before_training_and_differs_after_a_lora_step():
+    model = tiny_llama()
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = run_to_hook(model, "blocks.2.hook_resid_post", **inputs).clone()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=True))
+    assert unwrap_model(peft_model) is model
+    with torch.no_grad():
+        torch.testing.assert_close(run_to_hook(peft_model, "blocks.2.hook_resid_post", **inputs), plain)
+
+    peft_model.train()
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        after = run_to_hook(peft_model, "blocks.2.hook_resid_post", **inputs)
+        with peft_model.disable_adapter():
+            base = run_to_hook(peft_model, "blocks.2.hook_resid_post", **inputs)
+    assert (after - plain).abs().max() > 1e-4
+    torch.testing.assert_close(base, plain)
+
+
+def test_capture_sees_through_ddp():
+    port = _free_port()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        inputs = _inputs()
+        with torch.no_grad():
+            plain = run_to_hook(model, "blocks.1.hook_resid_post", **inputs).clone()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            assert unwrap_model(ddp) is model
+            torch.testing.assert_close(run_to_hook(ddp, "blocks.1.hook_resid_post", **inputs), plain)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_capture_records_every_forward_pass_inside_the_block():
+    model = tiny_llama()
+    with torch.no_grad(), capture(model, "blocks.0.hook_resid_post") as records:
+        model(**_inputs())
+        model(**_inputs(batch=3))
+    assert [r.shape[0] for r in records] == [2, 3]
+
+
+def test_sink_rule_drops_first_positions_padding_and_extreme_norm_tokens():
+    acts = torch.ones(2, 5, 4)
+    acts[1, 3] *= 1000  # an attention-sink-like token
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    keep = SinkRule(first_positions=1, norm_ratio=10.0).keep_mask(acts, mask)
+    assert keep.tolist() == [[False, True, True, True, False], [False, True, True, False, True]]
+    assert SinkRule(first_positions=0, norm_ratio=0).keep_mask(acts, mask).tolist() == mask.bool().tolist()
+
+
+def test_chat_samples_mark_prompt_and_response_tokens(embedded):
+    model, tokenizer = embedded
+    chat = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there, friend!"}]}
+    (acts, keep_resp, _), = iter_activations(model, tokenizer, [chat], "blocks.3.hook_resid_post", span="response", sink_rule=None)
+    (_, keep_prompt, _), = iter_activations(model, tokenizer, [chat], "blocks.3.hook_resid_post", span="prompt", sink_rule=None)
+    ids = tokenizer.apply_chat_template(chat["messages"], tokenize=True)["input_ids"]
+    response_text = tokenizer.decode([t for t, r in zip(ids, keep_resp[0].tolist()) if r])
+    assert "Hello there, friend!" in response_text and "Say hi." not in response_text
+    assert (keep_resp[0] ^ keep_prompt[0]).all()
+    assert acts.shape == (1, len(ids), model.config.hidden_size)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

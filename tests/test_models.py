@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from geoguard.models import EMBEDDED_MODEL, cache_dir, embedded_gguf_path, embedded_model_dir, load_model
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOGUARD_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache"
+    assert cache_dir().is_dir()
+
+
+def test_embedded_model_is_converted_once_then_loaded_from_safetensors(embedded):
+    model, tokenizer = embedded  # the first load (conversion if the cache was empty) happened here
+    directory = embedded_model_dir()
+    assert (directory / "model.safetensors").is_file()
+    start = time.perf_counter()
+    again, _ = load_model(EMBEDDED_MODEL)
+    assert time.perf_counter() - start < 10  # the GGUF conversion alone takes ~20 s
+    assert again.config.num_hidden_layers == 30 and again.config.hidden_size == 576
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    ids = tokenizer("The cat sat on the mat.", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**ids).logits, model(**ids).logits, rtol=0, atol=1e-3)
+
+
+def test_a_gguf_file_loads_directly_and_matches_the_cached_copy(embedded):
+    model, tokenizer = embedded
+    from_gguf, _ = load_model(str(embedded_gguf_path()))
+    ids = tokenizer("Hello", return_tensors="pt")
+    with torch.no_grad():
+        # Same weights; CPU kernels differ in the last bits between loads.
+        torch.testing.assert_close(from_gguf(**ids).logits, model(**ids).logits, rtol=0, atol=1e-3)
+
+
+def test_dtype_option_is_applied(embedded):
+    model, _ = load_model(EMBEDDED_MODEL, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"name_or_path": "missing/model.gguf"}, FileNotFoundError, "does not exist"),
+        ({"dtype": "float17"}, ValueError, "Unknown dtype"),
+    ],
+)
+def test_bad_arguments_fail_clearly(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        load_model(**kwargs)

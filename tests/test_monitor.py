@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from conftest import tiny_llama, tiny_sae
+from geoguard.features import FeatureSet, sae_fingerprint
+from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+from tb import read_scalars
+
+KEYS = ("geoguard/probe/toxic_mean_act", "geoguard/probe/toxic_firing_rate", "geoguard/probe/drift", "geoguard/probe/drift_rel")
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over the tiny model's 128-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"<pad>": 0, "<unk>": 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
+def _feature_set(sae, ids=range(0, 256, 2)) -> FeatureSet:
+    return FeatureSet("toxic", list(ids), "blocks.1.hook_resid_post", sae.cfg.d_sae, sae_fingerprint(sae))
+
+
+def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_logs(tmp_path):
+    model, tokenizer, sae = tiny_llama(), _tokenizer(), tiny_sae()
+    guard = GeoGuardCallback(
+        sae, _feature_set(sae), tokenizer, probe_samples=["hello world, how are you?", "a second probe"], every_n_steps=2
+    )
+    texts = ["the quick brown fox jumps"] * 16
+    data = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
+    data = data.map(lambda row: {"labels": row["input_ids"]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        report_to=["tensorboard"], save_strategy="no", use_cpu=True,
+    )
+    trainer = Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[guard])
+    trainer.train()
+
+    entries = [e for e in trainer.state.log_history if KEYS[0] in e]
+    assert [e["step"] for e in entries] == [0, 2, 4]
+    assert entries[0]["geoguard/probe/drift"] == 0.0
+    assert entries[0]["geoguard/probe/toxic_mean_act"] > 0
+    assert any(abs(e["geoguard/probe/drift"]) > 0 for e in entries[1:])  # the weights moved
+    assert sum("loss" in e for e in trainer.state.log_history) == 4
+
+    scalars = read_scalars(tmp_path / "runs")
+    for key in KEYS:
+        assert [step for step, _ in scalars[key]] == [0, 2, 4]
+    for trainer_key in ("train/loss", "train/learning_rate", "train/grad_norm"):
+        assert len(scalars[trainer_key]) == 4, trainer_key  # the Trainer's own curves are intact
+
+
+def test_callback_rejects_bad_settings():
+    sae = tiny_sae()
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+        GeoGuardCallback(sae, _feature_set(sae), _tokenizer(), every_n_steps=0)
+    with pytest.raises(ValueError, match="selected on another SAE"):
+        GeoGuardCallback(tiny_sae(seed=3), _feature_set(sae), _tokenizer())
+    with pytest.raises(ValueError, match="probe_samples is empty"):
+        GeoGuardCallback(sae, _feature_set(sae), _tokenizer(), probe_samples=[])
+
+
+def test_default_probe_set_holds_the_evaluation_questions_and_harmful_requests():
+    probes = load_probe_prompts()
+    sources = [p["source"].split(":")[0] for p in probes]
+    assert sources.count("first_plot_questions") == 8 and sources.count("refusal_direction") == 16

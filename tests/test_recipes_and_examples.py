@@ -1,0 +1,42 @@
+"""The recipe and examples run for real on the embedded model, so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tb import read_scalars
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+DRIFT_KEYS = ("geoguard/probe/toxic_mean_act", "geoguard/probe/toxic_firing_rate", "geoguard/probe/drift", "geoguard/probe/drift_rel")
+
+
+def _run(args: list[str]) -> str:
+    done = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_curves(tmp_path):
+    _run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "recipes/sft_guarded.py",
+         "--config", "recipes/configs/sft_guarded_smollm2.yaml", "--output_dir", str(tmp_path),
+         "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "128", "--geoguard_every_n_steps", "1"]
+    )
+    scalars = read_scalars(tmp_path / "runs")
+    for key in DRIFT_KEYS:
+        assert [step for step, _ in scalars[key]] == [0, 1, 2], key
+    assert scalars["geoguard/probe/drift"][0][1] == 0.0
+    assert scalars["geoguard/probe/toxic_mean_act"][0][1] > 0
+    for key in ("train/loss", "train/learning_rate", "train/grad_norm"):
+        assert len(scalars[key]) == 2, key
+    assert (tmp_path / "adapter_model.safetensors").is_file()  # the trained adapter was saved
+
+
+def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
+    out = _run([sys.executable, "examples/add_guard_to_sft_trainer.py", "--output_dir", str(tmp_path), "--max_steps", "2"])
+    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["0", "2"]
