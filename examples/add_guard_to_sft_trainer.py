@@ -1,7 +1,7 @@
 """Add GeoGuard to an existing TRL SFTTrainer: one extra object, then read the drift in TensorBoard.
 
-    python examples/add_guard_to_sft_trainer.py --output_dir outputs/example --max_steps 6
-    tensorboard --logdir outputs/example/runs
+python examples/add_guard_to_sft_trainer.py --output_dir outputs/example --max_steps 6
+tensorboard --logdir outputs/example/runs
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def main() -> None:
     trainer.train()
     drift = [e for e in trainer.state.log_history if "geoguard/probe/drift" in e]
     for entry in drift:
-        print(f"step {entry['step']:>3}  toxic mean act {entry['geoguard/probe/toxic_mean_act']:.4f}  drift {entry['geoguard/probe/drift']:+.4f}")
+        print(
+            f"step {entry['step']:>3}  toxic mean act {entry['geoguard/probe/toxic_mean_act']:.4f}  drift {entry['geoguard/probe/drift']:+.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ def load_chats(path: str | os.PathLike, *, drop_system: bool = True) -> list[Sam
     rows = load_dataset("json", data_files=str(path), split="train")
     if "messages" not in rows.column_names:
         raise ValueError(f"{path} has no 'messages' column (columns: {rows.column_names}).")
-    return [
-        {"messages": [m for m in row["messages"] if not (drop_system and m["role"] == "system")]} for row in rows
-    ]
+    return [{"messages": [m for m in row["messages"] if not (drop_system and m["role"] == "system")]} for row in rows]
 
 
 def load_toxigen(root: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -60,7 +58,9 @@ def load_alpaca(path: str | os.PathLike) -> list[Sample]:
     chats = []
     for row in rows:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        chats.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]})
+        chats.append(
+            {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
+        )
     return chats
 
 

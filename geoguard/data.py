@@ -73,20 +73,16 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
 
 
 def iter_token_batches(
-    tokenized: Sequence[TokenizedSample], *, batch_size: int, pad_token_id: int, max_tokens: int | None = None
+    tokenized: Sequence[TokenizedSample], *, batch_size: int, pad_token_id: int
 ) -> Iterator[TokenBatch]:
     """Yield length-sorted, right-padded batches (longest first, so memory peaks early).
 
     Sorting by length keeps padding waste small; `indices` restores the original order.
-    `max_tokens` additionally caps `batch * seq` per batch.
     """
     order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
-    start = 0
-    while start < len(order):
-        longest = len(tokenized[order[start]].input_ids)
-        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(longest, 1)))
-        rows = order[start : start + size]
-        start += size
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        longest = len(tokenized[rows[0]].input_ids)
         ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), longest), dtype=torch.long)
         response = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -99,7 +95,9 @@ def iter_token_batches(
 
 
 def _is_message(message: object) -> bool:
-    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+    return (
+        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+    )
 
 
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:

@@ -113,7 +113,12 @@ class GeoGuardCallback(TrainerCallback):
         act_sum = fired = tokens = 0.0
         try:
             for acts, keep, _ in iter_activations(
-                model, self.tokenizer, self.probe_samples, self.hook_name, batch_size=self.batch_size, sink_rule=self.sink_rule
+                model,
+                self.tokenizer,
+                self.probe_samples,
+                self.hook_name,
+                batch_size=self.batch_size,
+                sink_rule=self.sink_rule,
             ):
                 feature_acts = self.sae.encode(acts[keep].to(self.sae.dtype))[:, ids]  # (n_kept, k)
                 act_sum += feature_acts.sum().item()
@@ -124,12 +129,18 @@ class GeoGuardCallback(TrainerCallback):
         pairs = max(tokens * len(ids), 1)
         return {"geoguard/probe/toxic_mean_act": act_sum / pairs, "geoguard/probe/toxic_firing_rate": fired / pairs}
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         check_sae_fits(self.sae, model, self.hook_name)
         if state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = self.log_dir or os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "geoguard")
+            log_dir = (
+                self.log_dir
+                or os.environ.get("TENSORBOARD_LOGGING_DIR")
+                or os.path.join(args.output_dir, "runs", "geoguard")
+            )
             self._writer = SummaryWriter(log_dir=log_dir)
         self.baseline = self.measure(model)
         self._record(state, dict(self.baseline))

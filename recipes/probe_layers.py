@@ -60,12 +60,16 @@ def main() -> None:
     for layer, features in enumerate(pooled):
         auroc = cross_val_score(probe, features, labels, cv=folds, scoring="roc_auc")
         name = "embed" if layer == 0 else f"layer {layer - 1}"
-        rows.append({"hidden_state": layer, "name": name, "auroc_mean": float(auroc.mean()), "auroc_std": float(auroc.std())})
+        rows.append(
+            {"hidden_state": layer, "name": name, "auroc_mean": float(auroc.mean()), "auroc_std": float(auroc.std())}
+        )
         print(f"{name:>9}  AUROC {auroc.mean():.3f} ± {auroc.std():.3f}")
     best = max(rows[1:], key=lambda r: r["auroc_mean"])
     print(f"best: {best['name']} (AUROC {best['auroc_mean']:.3f}); n_hate={len(hate)} n_neutral={len(neutral)}")
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps({"model": args.model, "n_hate": len(hate), "n_neutral": len(neutral), "layers": rows}, indent=2))
+    Path(args.output_json).write_text(
+        json.dumps({"model": args.model, "n_hate": len(hate), "n_neutral": len(neutral), "layers": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def write_card(path: Path, feature_set, tokens: list[list[str]], show: int = 15)
         f"- **Held-out AUROC of the set** (mean pooled activation of its features) on {s['n_heldout'][0]} hate + "
         f"{s['n_heldout'][1]} neutral sentences it was not selected on: **{s['heldout_auroc']:.3f}**",
         "",
-        f"| rank | feature | selection AUROC | logit-lens tokens |",
+        "| rank | feature | selection AUROC | logit-lens tokens |",
         "|---|---|---|---|",
     ]
-    for rank, (fid, auroc, toks) in enumerate(zip(feature_set.feature_ids, feature_set.stats["auroc"], tokens)):
+    for rank, (fid, auroc, toks) in enumerate(
+        zip(feature_set.feature_ids, feature_set.stats["auroc"], tokens, strict=True)
+    ):
         if rank == show:
             break
         shown = " ".join(f"`{t.strip() or repr(t)}`" for t in toks).replace("|", "\\|")
@@ -77,7 +79,10 @@ def main() -> None:
         neutral,
         name="toxic",
         k=args.k,
-        provenance={"target": f"ToxiGen hate sentences ({len(hate)})", "reference": f"ToxiGen neutral sentences ({len(neutral)})"},
+        provenance={
+            "target": f"ToxiGen hate sentences ({len(hate)})",
+            "reference": f"ToxiGen neutral sentences ({len(neutral)})",
+        },
     )
     out = Path(args.output_dir)
     feature_set.save(out)

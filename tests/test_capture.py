@@ -18,8 +18,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from conftest import tiny_llama
 from geoguard.capture import SinkRule, capture, iter_activations, resolve_hook_point, run_to_hook, unwrap_model
+
+from conftest import tiny_llama
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 ARCHITECTURES = {
@@ -33,7 +34,10 @@ ARCHITECTURES = {
 
 
 def _inputs(batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, 128, (batch, seq)), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, 128, (batch, seq)),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -79,7 +83,11 @@ def test_hf_hook_point_of_the_bare_model_resolves_on_the_causal_lm():
 
 @pytest.mark.parametrize(
     "hook_name, message",
-    [("blocks.9.hook_resid_post", "does not name a module"), ("model.norm", "not inside a decoder layer"), ("nope", "does not name")],
+    [
+        ("blocks.9.hook_resid_post", "does not name a module"),
+        ("model.norm", "not inside a decoder layer"),
+        ("nope", "does not name"),
+    ],
 )
 def test_bad_hook_names_fail_with_a_clear_message(hook_name, message):
     with pytest.raises(ValueError, match=message):
@@ -91,7 +99,9 @@ def test_peft_wrapped_model_matches_plain_before_training_and_differs_after_a_lo
     inputs = _inputs()
     with torch.no_grad():
         plain = run_to_hook(model, "blocks.2.hook_resid_post", **inputs).clone()
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=True))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=True)
+    )
     assert unwrap_model(peft_model) is model
     with torch.no_grad():
         torch.testing.assert_close(run_to_hook(peft_model, "blocks.2.hook_resid_post", **inputs), plain)
@@ -145,11 +155,17 @@ def test_sink_rule_drops_first_positions_padding_and_extreme_norm_tokens():
 
 def test_chat_samples_mark_prompt_and_response_tokens(embedded):
     model, tokenizer = embedded
-    chat = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there, friend!"}]}
-    (acts, keep_resp, _), = iter_activations(model, tokenizer, [chat], "blocks.3.hook_resid_post", span="response", sink_rule=None)
-    (_, keep_prompt, _), = iter_activations(model, tokenizer, [chat], "blocks.3.hook_resid_post", span="prompt", sink_rule=None)
+    chat = {
+        "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there, friend!"}]
+    }
+    ((acts, keep_resp, _),) = iter_activations(
+        model, tokenizer, [chat], "blocks.3.hook_resid_post", span="response", sink_rule=None
+    )
+    ((_, keep_prompt, _),) = iter_activations(
+        model, tokenizer, [chat], "blocks.3.hook_resid_post", span="prompt", sink_rule=None
+    )
     ids = tokenizer.apply_chat_template(chat["messages"], tokenize=True)["input_ids"]
-    response_text = tokenizer.decode([t for t, r in zip(ids, keep_resp[0].tolist()) if r])
+    response_text = tokenizer.decode([t for t, r in zip(ids, keep_resp[0].tolist(), strict=True) if r])
     assert "Hello there, friend!" in response_text and "Say hi." not in response_text
     assert (keep_resp[0] ^ keep_prompt[0]).all()
     assert acts.shape == (1, len(ids), model.config.hidden_size)
@@ -162,7 +178,14 @@ def _free_port() -> int:
 
 
 def test_capture_sees_through_deepspeed_zero2_and_zero3_engines():
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }
     script = os.path.join(os.path.dirname(__file__), "deepspeed_capture.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -5,9 +5,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import tiny_sae
 from geoguard.features import FeatureSet, feature_aurocs, sae_fingerprint
 from geoguard.sae import EMBEDDED_SAE, load_sae
+
+from conftest import tiny_sae
 
 
 def _feature_set(sae) -> FeatureSet:
@@ -30,7 +31,9 @@ def test_feature_set_round_trip(tmp_path):
     original = _feature_set(sae)
     original.save(tmp_path / "set")
     loaded = FeatureSet.load(tmp_path / "set", sae=sae)
-    assert loaded.feature_ids == [3, 1, 7] and loaded.stats == original.stats and loaded.provenance == original.provenance
+    assert (
+        loaded.feature_ids == [3, 1, 7] and loaded.stats == original.stats and loaded.provenance == original.provenance
+    )
     torch.testing.assert_close(loaded.decoder, original.decoder)
 
 

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from conftest import tiny_llama, tiny_sae
 from geoguard.features import FeatureSet, sae_fingerprint
 from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+
+from conftest import tiny_llama, tiny_sae
 from tb import read_scalars
 
-KEYS = ("geoguard/probe/toxic_mean_act", "geoguard/probe/toxic_firing_rate", "geoguard/probe/drift", "geoguard/probe/drift_rel")
+KEYS = (
+    "geoguard/probe/toxic_mean_act",
+    "geoguard/probe/toxic_firing_rate",
+    "geoguard/probe/drift",
+    "geoguard/probe/drift_rel",
+)
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -30,14 +35,24 @@ def _feature_set(sae, ids=range(0, 256, 2)) -> FeatureSet:
 def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_logs(tmp_path):
     model, tokenizer, sae = tiny_llama(), _tokenizer(), tiny_sae()
     guard = GeoGuardCallback(
-        sae, _feature_set(sae), tokenizer, probe_samples=["hello world, how are you?", "a second probe"], every_n_steps=2
+        sae,
+        _feature_set(sae),
+        tokenizer,
+        probe_samples=["hello world, how are you?", "a second probe"],
+        every_n_steps=2,
     )
     texts = ["the quick brown fox jumps"] * 16
     data = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
     data = data.map(lambda row: {"labels": row["input_ids"]})
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-        report_to=["tensorboard"], save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
     )
     trainer = Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[guard])
     trainer.train()

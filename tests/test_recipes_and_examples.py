@@ -11,7 +11,12 @@ from tb import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-DRIFT_KEYS = ("geoguard/probe/toxic_mean_act", "geoguard/probe/toxic_firing_rate", "geoguard/probe/drift", "geoguard/probe/drift_rel")
+DRIFT_KEYS = (
+    "geoguard/probe/toxic_mean_act",
+    "geoguard/probe/toxic_firing_rate",
+    "geoguard/probe/drift",
+    "geoguard/probe/drift_rel",
+)
 
 
 def _run(args: list[str]) -> str:
@@ -22,9 +27,26 @@ def _run(args: list[str]) -> str:
 
 def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_curves(tmp_path):
     _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "recipes/sft_guarded.py",
-         "--config", "recipes/configs/sft_guarded_smollm2.yaml", "--output_dir", str(tmp_path),
-         "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "128", "--geoguard_every_n_steps", "1"]
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "recipes/sft_guarded.py",
+            "--config",
+            "recipes/configs/sft_guarded_smollm2.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_length",
+            "128",
+            "--geoguard_every_n_steps",
+            "1",
+        ]
     )
     scalars = read_scalars(tmp_path / "runs")
     for key in DRIFT_KEYS:
@@ -37,6 +59,8 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
 
 
 def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
-    out = _run([sys.executable, "examples/add_guard_to_sft_trainer.py", "--output_dir", str(tmp_path), "--max_steps", "2"])
+    out = _run(
+        [sys.executable, "examples/add_guard_to_sft_trainer.py", "--output_dir", str(tmp_path), "--max_steps", "2"]
+    )
     steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
     assert steps == ["0", "2"]

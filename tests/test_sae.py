@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_llama, tiny_sae
 from geoguard.capture import run_to_hook
 from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
+
+from conftest import tiny_llama, tiny_sae
 
 
 def test_sae_round_trips_through_sae_lens_disk_format(tmp_path):

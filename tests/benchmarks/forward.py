@@ -35,7 +35,10 @@ def main() -> None:
     hook_name = sae_hook_name(load_sae(EMBEDDED_SAE))
     root = data_root(args.data_dir)
     half = args.samples // 2
-    samples = load_chats(root / "emergent_misalignment" / "jailbroken.jsonl")[:half] + load_alpaca(root / "benign" / "alpaca_en_demo.json")[:half]
+    samples = (
+        load_chats(root / "emergent_misalignment" / "jailbroken.jsonl")[:half]
+        + load_alpaca(root / "benign" / "alpaca_en_demo.json")[:half]
+    )
     tokenized = [tokenize_sample(tokenizer, s, max_length=256) for s in samples]
     batches = list(iter_token_batches(tokenized, batch_size=args.batch_size, pad_token_id=tokenizer.pad_token_id))
     n_tokens = sum(len(t.input_ids) for t in tokenized)
@@ -53,7 +56,7 @@ def main() -> None:
     run(True)  # warm-up
     times = {"full": [], "early_exit": []}
     for i in range(args.repeats):
-        for variant in (("full", "early_exit") if i % 2 == 0 else ("early_exit", "full")):
+        for variant in ("full", "early_exit") if i % 2 == 0 else ("early_exit", "full"):
             times[variant].append(run(variant == "early_exit"))
     best = {k: min(v) for k, v in times.items()}
     result = {
