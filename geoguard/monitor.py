@@ -40,7 +40,7 @@ def load_probe_prompts(path: str | Path = DEFAULT_PROBE_PROMPTS) -> list[Sample]
 class GeoGuardCallback(TrainerCallback):
     """Log the drift of a toxic feature set's activation on a probe set to TensorBoard.
 
-    At train begin (the baseline) and every `every_n_steps` optimizer steps, the probe samples run
+    At train begin (the baseline), every `every_n_steps` optimizer steps and at train end, the probe samples run
     through the model being trained, without gradients and with early exit at the SAE's layer;
     the SAE encodes the residual stream there, and the callback records, over the probe tokens
     (attention sinks excluded):
@@ -149,7 +149,9 @@ class GeoGuardCallback(TrainerCallback):
         if state.global_step % self.every_n_steps == 0 and state.global_step != self._last_measured_step:
             self._record(state, self.measure(model))
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if state.global_step != self._last_measured_step:  # the final weights are always measured
+            self._record(state, self.measure(model))
         if self._writer is not None:
             self._writer.close()
             self._writer = None

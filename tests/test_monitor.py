@@ -46,7 +46,7 @@ def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_
     data = data.map(lambda row: {"labels": row["input_ids"]})
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=4,
+        max_steps=5,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
         logging_steps=1,
@@ -58,17 +58,17 @@ def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_
     trainer.train()
 
     entries = [e for e in trainer.state.log_history if KEYS[0] in e]
-    assert [e["step"] for e in entries] == [0, 2, 4]
+    assert [e["step"] for e in entries] == [0, 2, 4, 5]  # every 2 steps, and the final weights
     assert entries[0]["geoguard/probe/drift"] == 0.0
     assert entries[0]["geoguard/probe/toxic_mean_act"] > 0
     assert any(abs(e["geoguard/probe/drift"]) > 0 for e in entries[1:])  # the weights moved
-    assert sum("loss" in e for e in trainer.state.log_history) == 4
+    assert sum("loss" in e for e in trainer.state.log_history) == 5
 
     scalars = read_scalars(tmp_path / "runs")
     for key in KEYS:
-        assert [step for step, _ in scalars[key]] == [0, 2, 4]
+        assert [step for step, _ in scalars[key]] == [0, 2, 4, 5]
     for trainer_key in ("train/loss", "train/learning_rate", "train/grad_norm"):
-        assert len(scalars[trainer_key]) == 4, trainer_key  # the Trainer's own curves are intact
+        assert len(scalars[trainer_key]) == 5, trainer_key  # the Trainer's own curves are intact
 
 
 def test_callback_rejects_bad_settings():
