@@ -1,8 +1,9 @@
 """Turn chat or plain-text samples into token batches that know their prompt and response spans.
 
-A *sample* is either a chat (`{"messages": [{"role", "content"}, ...]}`, the last message being
-the response) or plain text (`{"text": ...}` or a `str`). Plain text counts as all response: it
-is what a model would be trained to produce.
+A *sample* is either a chat (`{"messages": [{"role", "content"}, ...]}`) or plain text
+(`{"text": ...}` or a `str`). In a chat that ends with an assistant message, that message is the
+response and everything before it the prompt; a chat that ends with another role is all prompt.
+Plain text counts as all response: it is what a model would be trained to produce.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
             raise ValueError("'messages' must be a non-empty list of {'role': str, 'content': str} dicts.")
         full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
-        if len(messages) == 1:
-            prompt_len = 0
+        if messages[-1]["role"] != "assistant":
+            prompt_len = len(full)  # no answer yet: everything is prompt
         else:
             prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
             prompt_len = len(prompt) if full[: len(prompt)] == prompt else 0

@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--dead_feature_window", type=int, default=25, help="steps (x batch_size tokens)")
     parser.add_argument("--heldout_fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reuse_activations", action="store_true", help="train on the activations a previous run left in output_dir"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -227,11 +230,19 @@ def main() -> None:
     )
     print(json.dumps(mix, indent=2))
 
-    start = time.perf_counter()
-    heldout_acts = capture_to_memmap(model, tokenizer, heldout, hook_name, out / "heldout_acts.npy", 32)
-    train_acts = capture_to_memmap(train_model, tokenizer, train, hook_name, out / "train_acts.npy", 32)
-    capture_s = time.perf_counter() - start
-    print(f"captured {len(train_acts)} train / {len(heldout_acts)} held-out tokens in {capture_s:.0f} s")
+    capture_file = out / "capture.json"
+    if args.reuse_activations and capture_file.is_file():
+        capture = json.loads(capture_file.read_text())
+        heldout_acts = np.load(out / "heldout_acts.npy", mmap_mode="r")[: capture["heldout_tokens"]]
+        train_acts = np.load(out / "train_acts.npy", mmap_mode="r")[: capture["train_tokens"]]
+    else:
+        start = time.perf_counter()
+        heldout_acts = capture_to_memmap(model, tokenizer, heldout, hook_name, out / "heldout_acts.npy", 32)
+        train_acts = capture_to_memmap(train_model, tokenizer, train, hook_name, out / "train_acts.npy", 32)
+        capture = {"train_tokens": len(train_acts), "heldout_tokens": len(heldout_acts)}
+        capture["seconds"] = round(time.perf_counter() - start)
+        capture_file.write_text(json.dumps(capture))
+    print(f"{len(train_acts)} train / {len(heldout_acts)} held-out tokens (capture {capture['seconds']} s)")
 
     sae_cfg = TopKTrainingSAEConfig(
         d_in=model.config.hidden_size,
@@ -277,7 +288,7 @@ def main() -> None:
         "train_tokens_unique": len(train_acts),
         "training_tokens": total,
         "epochs": round(total / len(train_acts), 2),
-        "capture_seconds": round(capture_s),
+        "capture_seconds": capture["seconds"],
         "training_seconds": round(train_s),
         "heldout": metrics,
         "settings": vars(args),

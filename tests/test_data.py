@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from geoguard.data import TokenizedSample, iter_token_batches, tokenize_sample
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "",
+        {"text": "   "},
+        {"messages": []},
+        {"messages": [{"role": "user"}]},
+        {"messages": "hello"},
+        {"prompt": "no text field"},
+        42,
+    ],
+)
+def test_malformed_samples_are_rejected_with_the_expected_shapes_named(embedded, sample):
+    _, tokenizer = embedded
+    with pytest.raises(ValueError, match="messages|non-empty string"):
+        tokenize_sample(tokenizer, sample)
+
+
+def test_plain_text_counts_as_response_and_an_unanswered_chat_as_prompt(embedded):
+    _, tokenizer = embedded
+    plain = tokenize_sample(tokenizer, "Just some text.")
+    assert all(plain.response_mask)
+    single_turn = tokenize_sample(tokenizer, {"messages": [{"role": "user", "content": "Hi"}]})
+    assert not any(single_turn.response_mask)  # no assistant answer yet: all prompt
+
+
+def test_batches_are_length_sorted_padded_and_map_back_to_input_order():
+    samples = [TokenizedSample([1] * n, [0] * (n - 1) + [1]) for n in (3, 7, 5, 1)]
+    batches = list(iter_token_batches(samples, batch_size=2, pad_token_id=0))
+    assert [b.indices for b in batches] == [[1, 2], [0, 3]]
+    first = batches[0]
+    assert first.input_ids.shape == (2, 7) and first.attention_mask.sum(1).tolist() == [7, 5]
+    assert first.span_mask("response").sum().item() == 2 and first.span_mask("prompt").sum().item() == 10
