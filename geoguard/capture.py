@@ -20,7 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from geoguard.data import Sample, Span, iter_token_batches, tokenize_sample
 
-_TL_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+# HF hook points as SAE configs write them: for the *ForCausalLM ("model.layers.L"), the bare
+# *Model ("layers.L") or a multimodal model ("model.language_model.layers.L").
+_HF_LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?layers\.(\d+)(.*)$")
 # Paths to the decoder-layer list, relative to the unwrapped causal LM, in lookup order.
 _LAYER_LISTS = (
     "model.layers",  # Llama / SmolLM2, Mistral, Qwen2, Gemma 2
@@ -80,8 +83,9 @@ def resolve_hook_point(model: nn.Module, hook_name: str) -> HookPoint:
 
     Args:
         model (`nn.Module`): the causal LM, possibly wrapped (PEFT, DDP, DeepSpeed, accelerate).
-        hook_name (`str`): `blocks.{L}.hook_resid_post`, `model.layers.{L}[.output|.input]`, or
-            any dotted module path inside a decoder layer.
+        hook_name (`str`): `blocks.{L}.hook_resid_post` / `hook_resid_pre`,
+            `model.layers.{L}[.output|.input]` (also `layers.{L}` and `model.language_model.layers.{L}`),
+            or any dotted module path inside a decoder layer.
 
     Returns:
         `HookPoint` with the module path and layer index.
@@ -93,20 +97,16 @@ def resolve_hook_point(model: nn.Module, hook_name: str) -> HookPoint:
     """
     base = unwrap_model(model)
     layers_path, layers = decoder_layers(base)
-    match = _TL_RESID_POST.match(hook_name)
-    if match:
-        module_path, read_input = f"{layers_path}.{match.group(1)}", False
-    else:
-        module_path, read_input = hook_name, False
-        if hook_name.endswith(".output"):
-            module_path = hook_name.removesuffix(".output")
-        elif hook_name.endswith(".input"):
-            module_path, read_input = hook_name.removesuffix(".input"), True
-        # Published HF hook points are written for the bare *Model or the *ForCausalLM; accept both.
-        if _get_submodule(base, module_path) is None and module_path.startswith("model."):
-            inner = module_path.removeprefix("model.")
-            if inner.startswith(layers_path.removeprefix("model.")) and _get_submodule(base, inner) is not None:
-                module_path = inner
+    module_path, read_input = hook_name, False
+    if match := _TL_RESID.match(hook_name):
+        # resid_pre of layer L is the input of decoder layer L, resid_post its output.
+        module_path, read_input = f"{layers_path}.{match.group(1)}", match.group(2) == "pre"
+    elif hook_name.endswith(".output"):
+        module_path = hook_name.removesuffix(".output")
+    elif hook_name.endswith(".input"):
+        module_path, read_input = hook_name.removesuffix(".input"), True
+    if _get_submodule(base, module_path) is None and (match := _HF_LAYER.match(module_path)):
+        module_path = f"{layers_path}.{match.group(1)}{match.group(2)}"
     if _get_submodule(base, module_path) is None:
         raise ValueError(
             f"Hook name {hook_name!r} does not name a module of {type(base).__name__}. Use "
@@ -128,8 +128,8 @@ def capture(model: nn.Module, hook_name: str, *, stop: bool = False) -> Iterator
     Args:
         model (`nn.Module`): the model, possibly wrapped.
         hook_name (`str`): see `resolve_hook_point`.
-        stop (`bool`, defaults to `False`): end each forward pass right after the hook point
-            (early exit). The forward then returns `None`; run it through `run_to_hook`.
+        stop (`bool`, defaults to `False`): end each forward pass at the hook point (early
+            exit) by raising an exception that `run_to_hook` catches; use it through `run_to_hook`.
 
     Yields:
         A list that receives one `(batch, seq, d_in)` tensor per forward pass. With gradient
@@ -140,17 +140,20 @@ def capture(model: nn.Module, hook_name: str, *, stop: bool = False) -> Iterator
     module = unwrap_model(model).get_submodule(point.module_path)
     records: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        if point.read_input:
-            value = args[0] if args else next(iter(kwargs.values()))
-        else:
-            # transformers >= 5 decoder layers return a tensor, older versions a tuple.
-            value = output[0] if isinstance(output, tuple) else output
+    def record(value: torch.Tensor) -> None:
         records.append(value)
         if stop:
             raise _StopForward
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
+    if point.read_input:
+        handle = module.register_forward_pre_hook(
+            lambda _m, args, kwargs: record(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
+    else:
+        # transformers >= 5 decoder layers return a tensor, older versions a tuple.
+        handle = module.register_forward_hook(
+            lambda _m, _args, output: record(output[0] if isinstance(output, tuple) else output)
+        )
     try:
         yield records
     finally:
@@ -200,6 +203,7 @@ class SinkRule:
         return keep
 
 
+@torch.no_grad()
 def iter_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -219,19 +223,19 @@ def iter_activations(
     """
     tokenized = [tokenize_sample(tokenizer, s, max_length=max_length) for s in samples]
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id):
-            acts = run_to_hook(
-                model,
-                hook_name,
-                early_exit=early_exit,
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-            )
-            keep = batch.span_mask(span).to(device)
-            if sink_rule is not None:
-                keep = sink_rule.keep_mask(acts, keep)
-            yield acts, keep, batch.indices
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked anyway
+    for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id):
+        acts = run_to_hook(
+            model,
+            hook_name,
+            early_exit=early_exit,
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+        )
+        keep = batch.span_mask(span).to(device)
+        if sink_rule is not None:
+            keep = sink_rule.keep_mask(acts, keep)
+        yield acts, keep, batch.indices
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:

@@ -2,18 +2,22 @@
 
 A *sample* is either a chat (`{"messages": [{"role", "content"}, ...]}`) or plain text
 (`{"text": ...}` or a `str`). In a chat that ends with an assistant message, that message is the
-response and everything before it the prompt; a chat that ends with another role is all prompt.
+response and everything before it the prompt; a chat that ends with another role is all prompt,
+rendered with the generation prompt (the point where the model would start its answer).
 Plain text counts as all response: it is what a model would be trained to produce.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 Span = Literal["all", "prompt", "response"]
 """Which tokens of a sample to use: `all`, the `prompt` (chat turns before the last), or the `response`."""
@@ -58,12 +62,26 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
         messages = sample["messages"]
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
             raise ValueError("'messages' must be a non-empty list of {'role': str, 'content': str} dicts.")
-        full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "Chat samples need a tokenizer with a chat template; this one has none (a base model?). "
+                "Pass plain-text samples ({'text': ...}) or set tokenizer.chat_template."
+            )
         if messages[-1]["role"] != "assistant":
-            prompt_len = len(full)  # no answer yet: everything is prompt
+            # No answer yet: all prompt, ending where the model would start answering.
+            full = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+            prompt_len = len(full)
         else:
+            full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
             prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-            prompt_len = len(prompt) if full[: len(prompt)] == prompt else 0
+            prompt_len = _common_prefix(prompt, full)
+            if prompt_len < len(prompt):
+                logger.warning(
+                    "The chat template renders the prompt differently inside the full chat; the response "
+                    "span starts at the first differing token (%d of %d prompt tokens).",
+                    prompt_len,
+                    len(prompt),
+                )
         ids = full[:max_length]
         return TokenizedSample(ids, [int(i >= prompt_len) for i in range(len(ids))])
     text = sample["text"] if isinstance(sample, dict) and "text" in sample else sample
@@ -93,6 +111,13 @@ def iter_token_batches(
             attention[r, :n] = 1
             response[r, :n] = torch.tensor(tokenized[i].response_mask)
         yield TokenBatch(ids, attention, response, rows)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _is_message(message: object) -> bool:

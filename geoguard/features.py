@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from geoguard.capture import SinkRule, iter_activations
 from geoguard.data import Sample, Span
-from geoguard.sae import RESOURCES, sae_hook_name
+from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
 
 Pooling = Literal["max", "mean"]
 """How token activations become one value per sample: `max` (fires anywhere) or `mean` (length-normalised)."""
@@ -66,7 +66,7 @@ class FeatureSet:
     d_sae: int
     sae_fingerprint: str
     stats: dict[str, list[float]] = field(default_factory=dict)
-    summary: dict[str, float] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     decoder: torch.Tensor | None = None
 
@@ -126,7 +126,7 @@ def pooled_feature_acts(
     for acts, keep, indices in iter_activations(
         model, tokenizer, samples, hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
     ):
-        feature_acts = sae.encode(acts[keep].to(sae.dtype)).float().cpu()  # (n_kept, d_sae)
+        feature_acts = sae.encode(acts[keep].to(sae.device, sae.dtype)).float().cpu()  # (n_kept, d_sae)
         rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep].cpu()
         batch = torch.zeros(keep.shape[0], sae.cfg.d_sae)
         if pooling == "max":
@@ -186,6 +186,8 @@ def find_features(
     """
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
+    check_sae_fits(sae, model)
+    hook_name = sae_hook_name(sae)
     rng = random.Random(seed)
     splits = {}
     for side, samples in (("target", target), ("reference", reference)):
@@ -193,9 +195,11 @@ def find_features(
         rng.shuffle(samples)
         n_held = int(len(samples) * heldout_fraction)
         if n_held < 2 or len(samples) - n_held < 2:
-            raise ValueError(f"The {side} side has {len(samples)} samples; at least 7 are needed for a held-out split.")
+            raise ValueError(
+                f"The {side} side has {len(samples)} samples: too few for selection and held-out splits of at "
+                f"least 2 each at heldout_fraction={heldout_fraction}. Add samples or change heldout_fraction."
+            )
         splits[side] = (samples[n_held:], samples[:n_held])
-    hook_name = sae_hook_name(sae)
 
     def pool(samples: list[Sample]) -> torch.Tensor:
         return pooled_feature_acts(model, tokenizer, sae, samples, hook_name=hook_name, span=span, pooling=pooling)
@@ -227,6 +231,15 @@ def find_features(
             "n_heldout": [len(t_held), len(r_held)],
             "always_on_skipped": int(always_on.sum()),
         },
-        provenance={"span": span, "pooling": pooling, "k": k, "seed": seed, **(provenance or {})},
+        provenance={
+            "span": span,
+            "pooling": pooling,
+            "k": k,
+            "seed": seed,
+            "heldout_fraction": heldout_fraction,
+            "max_sample_firing": max_sample_firing,
+            "sink_rule": asdict(SinkRule()),
+            **(provenance or {}),
+        },
         decoder=decoder / decoder.norm(dim=1, keepdim=True),
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,17 +66,28 @@ def embedded_model_dir() -> Path:
     logger.info("Converting %s to safetensors under %s (once).", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); the weights are
-    # already dequantised to fp32, so dropping the quantizer marks is safe.
+    _drop_gguf_quantizer(model)
+    # Write aside, then rename: a crash never leaves half a cache, and when several ranks convert
+    # at once the first rename wins and the others discard their copy.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + "."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a GGUF-loaded model as plain: its weights are already dequantised, but transformers
+    keeps the GGUF quantizer, which refuses `save_pretrained` and training."""
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache behind
-    return target
 
 
 def load_model(
@@ -83,6 +96,7 @@ def load_model(
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
@@ -93,9 +107,11 @@ def load_model(
         gguf_file (`str`, *optional*):
             GGUF file name inside `name_or_path` (a Hub repo or directory holding GGUF files).
         dtype (`str` or `torch.dtype`, defaults to `"float32"`):
-            Weight dtype, e.g. `"bfloat16"`.
+            Weight dtype, e.g. `"bfloat16"`, or `"auto"` for the checkpoint's own.
         device (`str` or `torch.device`, defaults to `"cpu"`):
-            Device to place the model on.
+            Device to place the model on (passed as `device_map`).
+        **from_pretrained_kwargs:
+            Passed to `AutoModelForCausalLM.from_pretrained` (e.g. `revision`, `attn_implementation`).
 
     Returns:
         `(model, tokenizer)`, the model in eval mode; the tokenizer has a pad token.
@@ -106,9 +122,9 @@ def load_model(
         model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16")
         ```
     """
-    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'.")
+    torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype, None)
+    if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
+        raise ValueError(f"Unknown dtype {dtype!r}; use 'auto' or a torch dtype name such as 'float32' or 'bfloat16'.")
     source: str | Path = name_or_path
     if name_or_path == EMBEDDED_MODEL:
         source = embedded_model_dir()
@@ -117,9 +133,13 @@ def load_model(
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {name_or_path} does not exist.")
         source, gguf_file = path.parent, path.name
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, device_map=device, **gguf, **from_pretrained_kwargs
+    )
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer

@@ -25,6 +25,13 @@ from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
 
 logger = logging.getLogger(__name__)
 
+MEAN_ACT = "geoguard/probe/toxic_mean_act"
+FIRING_RATE = "geoguard/probe/toxic_firing_rate"
+DRIFT = "geoguard/probe/drift"
+DRIFT_REL = "geoguard/probe/drift_rel"
+PROBE_KEYS = (MEAN_ACT, FIRING_RATE, DRIFT, DRIFT_REL)
+"""The metric keys `GeoGuardCallback` logs (TensorBoard tags and `state.log_history` keys)."""
+
 DEFAULT_PROBE_PROMPTS = RESOURCES / "data" / "probe_prompts.jsonl"
 """Betley et al.'s 8 first-plot questions and 16 harmful requests (see resources/ATTRIBUTION.md)."""
 
@@ -43,12 +50,14 @@ class GeoGuardCallback(TrainerCallback):
     At train begin (the baseline), every `every_n_steps` optimizer steps and at train end, the probe samples run
     through the model being trained, without gradients and with early exit at the SAE's layer;
     the SAE encodes the residual stream there, and the callback records, over the probe tokens
-    (attention sinks excluded):
+    (attention sinks excluded; which tokens count is fixed at the first measurement):
 
     - `geoguard/probe/toxic_mean_act`: mean activation of the set's features;
     - `geoguard/probe/toxic_firing_rate`: share of (token, feature) pairs where a feature fires;
     - `geoguard/probe/drift`: `toxic_mean_act` minus its baseline;
-    - `geoguard/probe/drift_rel`: `toxic_mean_act / baseline - 1`.
+    - `geoguard/probe/drift_rel`: `toxic_mean_act / baseline - 1` (NaN when the baseline is 0).
+
+    After `resume_from_checkpoint`, the baseline is the step-0 value in the restored log history.
 
     Every rank computes the same values (the probe set is small); only the main process writes.
 
@@ -98,13 +107,13 @@ class GeoGuardCallback(TrainerCallback):
         self.log_dir = log_dir
         self.sink_rule = sink_rule
         self.baseline: dict[str, float] | None = None
-        self.latest: dict[str, float] = {}
+        self._keep_masks: list[torch.Tensor] = []
         self._last_measured_step = -1
         self._writer = None
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """Return the probe metrics (without drift) under the model's current weights."""
+        """Return the probe's mean activation and firing rate under the model's current weights."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -112,14 +121,15 @@ class GeoGuardCallback(TrainerCallback):
         ids = self.feature_ids.to(device)
         act_sum = fired = tokens = 0.0
         try:
-            for acts, keep, _ in iter_activations(
-                model,
-                self.tokenizer,
-                self.probe_samples,
-                self.hook_name,
-                batch_size=self.batch_size,
-                sink_rule=self.sink_rule,
-            ):
+            batches = iter_activations(
+                model, self.tokenizer, self.probe_samples, self.hook_name, batch_size=self.batch_size, sink_rule=None
+            )
+            for i, (acts, keep, _) in enumerate(batches):
+                # The first measurement fixes which tokens count, so that later drift compares the same
+                # tokens even when training moves token norms across the sink rule's threshold.
+                if i == len(self._keep_masks):
+                    self._keep_masks.append(self.sink_rule.keep_mask(acts, keep).cpu())
+                keep = self._keep_masks[i].to(device)
                 feature_acts = self.sae.encode(acts[keep].to(self.sae.dtype))[:, ids]  # (n_kept, k)
                 act_sum += feature_acts.sum().item()
                 fired += (feature_acts > 0).sum().item()
@@ -127,7 +137,7 @@ class GeoGuardCallback(TrainerCallback):
         finally:
             model.train(was_training)
         pairs = max(tokens * len(ids), 1)
-        return {"geoguard/probe/toxic_mean_act": act_sum / pairs, "geoguard/probe/toxic_firing_rate": fired / pairs}
+        return {MEAN_ACT: act_sum / pairs, FIRING_RATE: fired / pairs}
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
@@ -142,8 +152,13 @@ class GeoGuardCallback(TrainerCallback):
                 or os.path.join(args.output_dir, "runs", "geoguard")
             )
             self._writer = SummaryWriter(log_dir=log_dir)
-        self.baseline = self.measure(model)
-        self._record(state, dict(self.baseline))
+        current = self.measure(model)
+        # After resume_from_checkpoint the restored log history holds the step-0 baseline.
+        earlier = [entry for entry in state.log_history if MEAN_ACT in entry]
+        self.baseline = {MEAN_ACT: earlier[0][MEAN_ACT], FIRING_RATE: earlier[0][FIRING_RATE]} if earlier else current
+        if not any(entry["step"] == state.global_step for entry in earlier):
+            self._record(state, current)
+        self._last_measured_step = state.global_step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0 and state.global_step != self._last_measured_step:
@@ -157,11 +172,9 @@ class GeoGuardCallback(TrainerCallback):
             self._writer = None
 
     def _record(self, state: TrainerState, metrics: dict[str, float]) -> None:
-        base = self.baseline["geoguard/probe/toxic_mean_act"]
-        mean = metrics["geoguard/probe/toxic_mean_act"]
-        metrics["geoguard/probe/drift"] = mean - base
-        metrics["geoguard/probe/drift_rel"] = mean / base - 1 if base > 0 else 0.0
-        self.latest = metrics
+        base = self.baseline[MEAN_ACT]
+        metrics[DRIFT] = metrics[MEAN_ACT] - base
+        metrics[DRIFT_REL] = metrics[MEAN_ACT] / base - 1 if base > 0 else float("nan")
         self._last_measured_step = state.global_step
         state.log_history.append({**metrics, "step": state.global_step})
         if self._writer is not None:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import GeoGuardCallback, load_probe_prompts
-from geoguard.sae import EMBEDDED_SAE, load_sae
+from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
 
 DEMO_DATA = Path(__file__).parent / "data" / "sft_mix.jsonl"
 
@@ -58,8 +58,17 @@ class GuardedSFTArguments:
 
 
 def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
-    model, tokenizer = load_model(model_args.model_name_or_path or EMBEDDED_MODEL, dtype=model_args.dtype or "float32")
+    with training_args.main_process_first(desc="load model"):  # rank 0 converts the embedded model once
+        model, tokenizer = load_model(
+            model_args.model_name_or_path or EMBEDDED_MODEL,
+            dtype=model_args.dtype or "float32",
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            quantization_config=get_quantization_config(model_args),
+        )
     sae = load_sae(script_args.geoguard_sae, script_args.geoguard_sae_id)
+    check_sae_fits(sae, model)  # fail before data preparation, not at train begin
     guard = GeoGuardCallback(
         sae,
         FeatureSet.load(script_args.geoguard_feature_set, sae=sae),

@@ -73,12 +73,38 @@ def test_early_exit_skips_the_layers_after_the_hook():
     assert calls == []
 
 
-def test_hf_hook_point_of_the_bare_model_resolves_on_the_causal_lm():
+def test_hf_hook_points_of_the_bare_model_and_other_layouts_resolve_on_the_causal_lm():
+    llama = tiny_llama()
+    # SAE configs write HF hook points for the *ForCausalLM, the bare *Model, or a multimodal model.
+    for hook_name in ("model.layers.1.output", "layers.1", "model.language_model.layers.1"):
+        assert resolve_hook_point(llama, hook_name).module_path == "model.layers.1", hook_name
+    assert resolve_hook_point(llama, "model.layers.1.mlp").layer == 1
+    gpt2 = AutoModelForCausalLM.from_config(ARCHITECTURES["gpt2"][0])
+    assert resolve_hook_point(gpt2, "model.layers.2").module_path == "transformer.h.2"
+
+
+@pytest.mark.parametrize("hook_name", ["blocks.2.hook_resid_pre", "model.layers.2.input"])
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_resid_pre_and_input_hooks_read_the_input_of_the_layer(hook_name, early_exit):
     model = tiny_llama()
-    # Published HF hook points may be written for the bare LlamaModel ("layers.1") or the LM ("model.layers.1").
-    assert resolve_hook_point(model, "model.layers.1.output").module_path == "model.layers.1"
-    assert resolve_hook_point(model, "model.layers.1.mlp").layer == 1
-    assert resolve_hook_point(model, "model.layers.1.mlp.input").read_input
+    inputs = _inputs()
+    point = resolve_hook_point(model, hook_name)
+    assert point.read_input and point.layer == 2
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(run_to_hook(model, hook_name, early_exit=early_exit, **inputs), hidden[2])
+
+
+def test_padded_batches_give_the_same_activations_as_single_samples():
+    model = tiny_llama()
+    long, short = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, :5] = long[0], short[0]
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    with torch.no_grad():
+        batched = run_to_hook(model, "blocks.3.hook_resid_post", input_ids=batch, attention_mask=mask)
+        alone = run_to_hook(model, "blocks.3.hook_resid_post", input_ids=short, attention_mask=torch.ones(1, 5))
+    torch.testing.assert_close(batched[1, :5], alone[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -120,9 +146,9 @@ def test_peft_wrapped_model_matches_plain_before_training_and_differs_after_a_lo
     torch.testing.assert_close(base, plain)
 
 
-def test_capture_sees_through_ddp():
-    port = _free_port()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def test_capture_sees_through_ddp(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = tiny_llama()

@@ -5,7 +5,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from geoguard.features import FeatureSet, sae_fingerprint
-from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+from geoguard.monitor import DRIFT, MEAN_ACT, PROBE_KEYS, GeoGuardCallback, load_probe_prompts
 
 from conftest import tiny_llama, tiny_sae
 from tb import read_scalars
@@ -57,15 +57,15 @@ def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_
     trainer = Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[guard])
     trainer.train()
 
-    entries = [e for e in trainer.state.log_history if KEYS[0] in e]
+    entries = [e for e in trainer.state.log_history if MEAN_ACT in e]
     assert [e["step"] for e in entries] == [0, 2, 4, 5]  # every 2 steps, and the final weights
-    assert entries[0]["geoguard/probe/drift"] == 0.0
-    assert entries[0]["geoguard/probe/toxic_mean_act"] > 0
-    assert any(abs(e["geoguard/probe/drift"]) > 0 for e in entries[1:])  # the weights moved
+    assert entries[0][DRIFT] == 0.0
+    assert entries[0][MEAN_ACT] > 0
+    assert any(abs(e[DRIFT]) > 0 for e in entries[1:])  # the weights moved
     assert sum("loss" in e for e in trainer.state.log_history) == 5
 
     scalars = read_scalars(tmp_path / "runs")
-    for key in KEYS:
+    for key in PROBE_KEYS:
         assert [step for step, _ in scalars[key]] == [0, 2, 4, 5]
     for trainer_key in ("train/loss", "train/learning_rate", "train/grad_norm"):
         assert len(scalars[trainer_key]) == 5, trainer_key  # the Trainer's own curves are intact
@@ -85,3 +85,34 @@ def test_default_probe_set_holds_the_evaluation_questions_and_harmful_requests()
     probes = load_probe_prompts()
     sources = [p["source"].split(":")[0] for p in probes]
     assert sources.count("first_plot_questions") == 8 and sources.count("refusal_direction") == 16
+
+
+def test_resumed_training_keeps_the_step_0_baseline(tmp_path):
+    tokenizer, sae = _tokenizer(), tiny_sae()
+    data = Dataset.from_dict({"input_ids": [tokenizer("the quick brown fox jumps")["input_ids"]] * 16})
+    data = data.map(lambda row: {"labels": row["input_ids"]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+    )
+
+    def run(resume: str | None) -> tuple[Trainer, GeoGuardCallback]:
+        guard = GeoGuardCallback(sae, _feature_set(sae), tokenizer, probe_samples=["probe text"], every_n_steps=2)
+        trainer = Trainer(model=tiny_llama().train(), args=args, train_dataset=data, callbacks=[guard])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, guard
+
+    first, first_guard = run(None)
+    resumed, resumed_guard = run(str(tmp_path / "checkpoint-2"))
+    assert resumed_guard.baseline[MEAN_ACT] == first_guard.baseline[MEAN_ACT]
+    final = [e for e in resumed.state.log_history if MEAN_ACT in e]
+    assert [e["step"] for e in final] == [0, 2, 4]  # step 0 and 2 restored from the checkpoint, 4 measured anew
+    assert final[-1][DRIFT] == final[-1][MEAN_ACT] - first_guard.baseline[MEAN_ACT]
