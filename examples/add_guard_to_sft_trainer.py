@@ -13,6 +13,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from geoguard import EMBEDDED_MODEL, FeatureSet, GeoGuardCallback, load_model, load_sae
+from geoguard.monitor import DRIFT, MEAN_ACT
 
 
 def main() -> None:
@@ -49,11 +50,9 @@ def main() -> None:
     trainer.add_callback(GeoGuardCallback(sae, FeatureSet.load(sae=sae), tokenizer, every_n_steps=2))
 
     trainer.train()
-    drift = [e for e in trainer.state.log_history if "geoguard/probe/drift" in e]
-    for entry in drift:
-        print(
-            f"step {entry['step']:>3}  toxic mean act {entry['geoguard/probe/toxic_mean_act']:.4f}  drift {entry['geoguard/probe/drift']:+.4f}"
-        )
+    for entry in trainer.state.log_history:
+        if DRIFT in entry:
+            print(f"step {entry['step']:>3}  toxic mean act {entry[MEAN_ACT]:.4f}  drift {entry[DRIFT]:+.4f}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,15 @@ class _StopForward(Exception):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / accelerate (`.module`) and PEFT wrappers off a causal LM."""
+    """Return the causal LM inside DDP / DeepSpeed / accelerate (`.module`), PEFT and `torch.compile` wrappers.
+
+    PEFT's LoRA layers stay in place inside the returned model, so hooks on it see the adapter's effect.
+
+    Example:
+        ```python
+        unwrap_model(get_peft_model(model, lora_config)) is model  # True
+        ```
+    """
     while True:
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             model = model.get_base_model()
@@ -66,7 +74,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return `(path, layers)` of the decoder-layer stack of any supported causal LM."""
+    """Return `(path, layers)` of the decoder-layer stack of any supported causal LM.
+
+    Raises:
+        ValueError: when none of the known layouts (`model.layers`, `model.language_model.layers`,
+            `transformer.h`, `gpt_neox.layers`) exists in the model.
+    """
     model = unwrap_model(model)
     for path in _LAYER_LISTS:
         module = _get_submodule(model, path)
@@ -163,8 +176,17 @@ def capture(model: nn.Module, hook_name: str, *, stop: bool = False) -> Iterator
 def run_to_hook(model: nn.Module, hook_name: str, *, early_exit: bool = True, **inputs: torch.Tensor) -> torch.Tensor:
     """Run one forward pass and return the activations at `hook_name`, `(batch, seq, d_in)`.
 
-    With `early_exit=True` (the default) layers after the hook point, the final norm and the
-    LM head are skipped; the activations are identical to a full forward pass.
+    Args:
+        model (`nn.Module`): the model, possibly wrapped.
+        hook_name (`str`): see `resolve_hook_point`.
+        early_exit (`bool`, defaults to `True`): skip the layers after the hook point, the final
+            norm and the LM head; the activations are identical to a full forward pass.
+        **inputs: the model's inputs (`input_ids`, `attention_mask`, ...).
+
+    Example:
+        ```python
+        acts = run_to_hook(model, "blocks.11.hook_resid_post", **tokenizer("Hi", return_tensors="pt"))
+        ```
     """
     with capture(model, hook_name, stop=early_exit) as records:
         try:
@@ -218,8 +240,18 @@ def iter_activations(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
     """Yield `(acts, keep, indices)` per length-sorted batch of samples, without gradients.
 
-    `acts` is `(batch, seq, d_in)`, `keep` the boolean `(batch, seq)` mask of tokens in `span`
-    that are not attention sinks, and `indices` the rows' positions in `samples`.
+    Args:
+        model, tokenizer: the model (possibly wrapped) and its tokenizer.
+        samples (`list`): chats or plain texts (see `geoguard.data`).
+        hook_name (`str`): see `resolve_hook_point`.
+        span (`Span`, defaults to `"all"`): which tokens `keep` marks: all, prompt or response.
+        batch_size (`int`, defaults to 16), max_length (`int`, defaults to 512): batching and truncation.
+        sink_rule (`SinkRule`, *optional*, defaults to `SinkRule()`): attention sinks to drop; `None` keeps them.
+        early_exit (`bool`, defaults to `True`): stop each forward pass at the hook point.
+
+    Yields:
+        `acts` `(batch, seq, d_in)`, `keep` the boolean `(batch, seq)` mask of real tokens in `span`
+        that are not sinks, and `indices`, the rows' positions in `samples`.
     """
     tokenized = [tokenize_sample(tokenizer, s, max_length=max_length) for s in samples]
     device = next(model.parameters()).device
@@ -236,6 +268,15 @@ def iter_activations(
         if sink_rule is not None:
             keep = sink_rule.keep_mask(acts, keep)
         yield acts, keep, batch.indices
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """Return the norm applied before the unembedding (for logit-lens readings of directions)."""
+    base = unwrap_model(model)
+    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+        if (module := _get_submodule(base, path)) is not None:
+            return module
+    raise ValueError(f"Cannot find the final norm of {type(base).__name__}.")
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:

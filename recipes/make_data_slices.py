@@ -6,7 +6,8 @@
   al.'s 8 first-plot questions (MIT) and 16 harmful requests from the refusal-direction test split
   (Apache-2.0).
 - recipes/data/sft_mix.jsonl: the guarded-SFT demo mix, 64 jailbroken chats (Betley et al. / Bowen
-  et al., MIT) and 64 Alpaca answers (CC BY-NC 4.0), each under 256 tokens, shuffled.
+  et al., MIT) and 64 Alpaca answers (CC BY-NC 4.0), each under 1000 characters of
+  chat-templated text (~250 tokens), shuffled.
 """
 
 from __future__ import annotations

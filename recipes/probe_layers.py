@@ -34,11 +34,15 @@ def pooled_hidden_states(model, tokenizer, texts: list[str], sink_rule: SinkRule
     pooled = np.zeros((model.config.num_hidden_layers + 1, len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.no_grad():
         for batch in iter_token_batches(tokenized, batch_size=32, pad_token_id=tokenizer.pad_token_id):
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+            out = model(
+                input_ids=batch.input_ids.to(model.device),
+                attention_mask=batch.attention_mask.to(model.device),
+                output_hidden_states=True,
+            )
             for layer, hidden in enumerate(out.hidden_states):  # each (batch, seq, d_model)
-                keep = sink_rule.keep_mask(hidden, batch.attention_mask).unsqueeze(-1)
+                keep = sink_rule.keep_mask(hidden, batch.attention_mask.to(hidden.device)).unsqueeze(-1)
                 mean = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
-                pooled[layer, batch.indices] = mean.float().numpy()
+                pooled[layer, batch.indices] = mean.float().cpu().numpy()
     return pooled
 
 
@@ -59,7 +63,8 @@ def main() -> None:
     rows = []
     for layer, features in enumerate(pooled):
         auroc = cross_val_score(probe, features, labels, cv=folds, scoring="roc_auc")
-        name = "embed" if layer == 0 else f"layer {layer - 1}"
+        # transformers returns the last layer's output after the final norm.
+        name = "embed" if layer == 0 else f"layer {layer - 1}" + (" (normed)" if layer == len(pooled) - 1 else "")
         rows.append(
             {"hidden_state": layer, "name": name, "auroc_mean": float(auroc.mean()), "auroc_std": float(auroc.std())}
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from geoguard.capture import unwrap_model
+from geoguard.capture import final_norm, unwrap_model
 from geoguard.corpora import data_root, load_toxigen
 from geoguard.features import EMBEDDED_TOXIC_SET, find_features
 from geoguard.models import EMBEDDED_MODEL, load_model
@@ -28,7 +28,7 @@ def logit_lens_tokens(model, tokenizer, directions: torch.Tensor, n: int = 8) ->
     """Top tokens of each decoder direction `(k, d_in)` read through the model's final norm and unembedding."""
     base = unwrap_model(model)
     with torch.no_grad():
-        logits = base.get_output_embeddings()(base.model.norm(directions))  # (k, vocab)
+        logits = base.get_output_embeddings()(final_norm(base)(directions))  # (k, vocab)
     return [[tokenizer.decode([t]) for t in row] for row in logits.topk(n, dim=-1).indices.tolist()]
 
 

@@ -41,6 +41,17 @@ def tiny_sae(d_in: int = 64, d_sae: int = 256, k: int = 8, layer: int = 1, seed:
     return sae
 
 
+def char_tokenizer():
+    """A character-level tokenizer over the tiny model's 128-token vocabulary (no chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"<pad>": 0, "<unk>": 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

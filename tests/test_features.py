@@ -5,10 +5,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from geoguard.features import FeatureSet, feature_aurocs, sae_fingerprint
+from geoguard.features import FeatureSet, feature_aurocs, pooled_feature_acts, sae_fingerprint
 from geoguard.sae import EMBEDDED_SAE, load_sae
 
-from conftest import tiny_sae
+from conftest import char_tokenizer, tiny_llama, tiny_sae
 
 
 def _feature_set(sae) -> FeatureSet:
@@ -61,3 +61,13 @@ def test_shipped_toxic_set_belongs_to_the_embedded_sae_and_generalises():
     assert len(toxic.feature_ids) == len(set(toxic.feature_ids)) == toxic.provenance["k"]
     assert toxic.decoder.shape == (len(toxic.feature_ids), 576)
     assert toxic.summary["heldout_auroc"] > 0.6  # measured on sentences it was not selected on
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_pooled_activations_do_not_depend_on_batching_or_padding(pooling):
+    model, tokenizer, sae = tiny_llama(), char_tokenizer(), tiny_sae(layer=2)
+    texts = ["a short one", "a considerably longer sample of text", "mid-sized text", "x y z", "tiny"]
+    batched = pooled_feature_acts(model, tokenizer, sae, texts, pooling=pooling, batch_size=4)
+    single = pooled_feature_acts(model, tokenizer, sae, texts, pooling=pooling, batch_size=1)
+    assert batched.shape == (5, 256) and batched.abs().sum() > 0
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-3)

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from geoguard.features import FeatureSet, sae_fingerprint
 from geoguard.monitor import DRIFT, MEAN_ACT, PROBE_KEYS, GeoGuardCallback, load_probe_prompts
 
-from conftest import tiny_llama, tiny_sae
+from conftest import char_tokenizer, tiny_llama, tiny_sae
 from tb import read_scalars
 
 KEYS = (
@@ -18,22 +18,12 @@ KEYS = (
 )
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over the tiny model's 128-token vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(i): i for i in range(32, 127)} | {"<pad>": 0, "<unk>": 1}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
-
-
 def _feature_set(sae, ids=range(0, 256, 2)) -> FeatureSet:
     return FeatureSet("toxic", list(ids), "blocks.1.hook_resid_post", sae.cfg.d_sae, sae_fingerprint(sae))
 
 
 def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_logs(tmp_path):
-    model, tokenizer, sae = tiny_llama(), _tokenizer(), tiny_sae()
+    model, tokenizer, sae = tiny_llama(), char_tokenizer(), tiny_sae()
     guard = GeoGuardCallback(
         sae,
         _feature_set(sae),
@@ -74,11 +64,11 @@ def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_
 def test_callback_rejects_bad_settings():
     sae = tiny_sae()
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
-        GeoGuardCallback(sae, _feature_set(sae), _tokenizer(), every_n_steps=0)
+        GeoGuardCallback(sae, _feature_set(sae), char_tokenizer(), every_n_steps=0)
     with pytest.raises(ValueError, match="selected on another SAE"):
-        GeoGuardCallback(tiny_sae(seed=3), _feature_set(sae), _tokenizer())
+        GeoGuardCallback(tiny_sae(seed=3), _feature_set(sae), char_tokenizer())
     with pytest.raises(ValueError, match="probe_samples is empty"):
-        GeoGuardCallback(sae, _feature_set(sae), _tokenizer(), probe_samples=[])
+        GeoGuardCallback(sae, _feature_set(sae), char_tokenizer(), probe_samples=[])
 
 
 def test_default_probe_set_holds_the_evaluation_questions_and_harmful_requests():
@@ -88,7 +78,7 @@ def test_default_probe_set_holds_the_evaluation_questions_and_harmful_requests()
 
 
 def test_resumed_training_keeps_the_step_0_baseline(tmp_path):
-    tokenizer, sae = _tokenizer(), tiny_sae()
+    tokenizer, sae = char_tokenizer(), tiny_sae()
     data = Dataset.from_dict({"input_ids": [tokenizer("the quick brown fox jumps")["input_ids"]] * 16})
     data = data.map(lambda row: {"labels": row["input_ids"]})
     args = TrainingArguments(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from geoguard.monitor import DRIFT, MEAN_ACT, PROBE_KEYS
 
 from tb import read_scalars
 
@@ -49,10 +52,10 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
         ]
     )
     scalars = read_scalars(tmp_path / "runs")
-    for key in DRIFT_KEYS:
+    for key in PROBE_KEYS:
         assert [step for step, _ in scalars[key]] == [0, 1, 2], key
-    assert scalars["geoguard/probe/drift"][0][1] == 0.0
-    assert scalars["geoguard/probe/toxic_mean_act"][0][1] > 0
+    assert scalars[DRIFT][0][1] == 0.0
+    assert scalars[MEAN_ACT][0][1] > 0
     for key in ("train/loss", "train/learning_rate", "train/grad_norm"):
         assert len(scalars[key]) == 2, key
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the trained adapter was saved
@@ -62,5 +65,7 @@ def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
     out = _run(
         [sys.executable, "examples/add_guard_to_sft_trainer.py", "--output_dir", str(tmp_path), "--max_steps", "2"]
     )
-    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
-    assert steps == ["0", "2"]
+    rows = [line.split() for line in out.splitlines() if line.startswith("step ")]
+    assert [row[1] for row in rows] == ["0", "2"]
+    assert all(math.isfinite(float(row[5])) and math.isfinite(float(row[7])) for row in rows)
+    assert set(PROBE_KEYS) <= set(read_scalars(tmp_path / "runs"))
