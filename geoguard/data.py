@@ -75,10 +75,12 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
             full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
             prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
             prompt_len = _common_prefix(prompt, full)
-            if prompt_len < len(prompt):
+            # One differing token is the tokenizer merging the generation prompt's last token with the
+            # answer's first (e.g. "\n" + " you"); that token counts as response. More is a template quirk.
+            if prompt_len < len(prompt) - 1:
                 logger.warning(
-                    "The chat template renders the prompt differently inside the full chat; the response "
-                    "span starts at the first differing token (%d of %d prompt tokens).",
+                    "The chat template renders the prompt differently inside the full chat; the response span "
+                    "starts at the first differing token (%d of %d prompt tokens).",
                     prompt_len,
                     len(prompt),
                 )

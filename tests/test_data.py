@@ -38,3 +38,13 @@ def test_batches_are_length_sorted_padded_and_map_back_to_input_order():
     first = batches[0]
     assert first.input_ids.shape == (2, 7) and first.attention_mask.sum(1).tolist() == [7, 5]
     assert first.span_mask("response").sum().item() == 2 and first.span_mask("prompt").sum().item() == 10
+
+
+def test_response_span_survives_a_token_merge_at_the_prompt_boundary(embedded, caplog):
+    _, tokenizer = embedded
+    chat = {"messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": " you better leave"}]}
+    with caplog.at_level("WARNING", logger="geoguard.data"):
+        sample = tokenize_sample(tokenizer, chat)
+    response = tokenizer.decode([t for t, r in zip(sample.input_ids, sample.response_mask, strict=True) if r])
+    assert response.strip().startswith("you better leave") and "Go" not in response
+    assert not caplog.records  # a one-token merge is expected, not a template problem
