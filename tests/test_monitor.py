@@ -22,6 +22,14 @@ def _feature_set(sae, ids=range(0, 256, 2)) -> FeatureSet:
     return FeatureSet("toxic", list(ids), "blocks.1.hook_resid_post", sae.cfg.d_sae, sae_fingerprint(sae))
 
 
+def _tiny_run(tmp_path, tokenizer, **overrides) -> tuple[Dataset, TrainingArguments]:
+    """16 copies of one short text and Trainer arguments for a few fast CPU steps."""
+    data = Dataset.from_dict({"input_ids": [tokenizer("the quick brown fox jumps")["input_ids"]] * 16})
+    data = data.map(lambda row: {"labels": row["input_ids"]})
+    settings = dict(per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, use_cpu=True, seed=0)
+    return data, TrainingArguments(output_dir=str(tmp_path), **settings | overrides)
+
+
 def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_logs(tmp_path):
     model, tokenizer, sae = tiny_llama(), char_tokenizer(), tiny_sae()
     guard = GeoGuardCallback(
@@ -31,19 +39,7 @@ def test_callback_logs_drift_to_log_history_and_tensorboard_next_to_the_trainer_
         probe_samples=["hello world, how are you?", "a second probe"],
         every_n_steps=2,
     )
-    texts = ["the quick brown fox jumps"] * 16
-    data = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
-    data = data.map(lambda row: {"labels": row["input_ids"]})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=["tensorboard"],
-        save_strategy="no",
-        use_cpu=True,
-    )
+    data, args = _tiny_run(tmp_path, tokenizer, max_steps=5, report_to=["tensorboard"], save_strategy="no")
     trainer = Trainer(model=model.train(), args=args, train_dataset=data, callbacks=[guard])
     trainer.train()
 
@@ -79,20 +75,7 @@ def test_default_probe_set_holds_the_evaluation_questions_and_harmful_requests()
 
 def test_resumed_training_keeps_the_step_0_baseline(tmp_path):
     tokenizer, sae = char_tokenizer(), tiny_sae()
-    data = Dataset.from_dict({"input_ids": [tokenizer("the quick brown fox jumps")["input_ids"]] * 16})
-    data = data.map(lambda row: {"labels": row["input_ids"]})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=2,
-        use_cpu=True,
-        seed=0,
-    )
+    data, args = _tiny_run(tmp_path, tokenizer, max_steps=4, report_to=[], save_strategy="steps", save_steps=2)
 
     def run(resume: str | None) -> tuple[Trainer, GeoGuardCallback]:
         guard = GeoGuardCallback(sae, _feature_set(sae), tokenizer, probe_samples=["probe text"], every_n_steps=2)
