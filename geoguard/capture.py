@@ -3,8 +3,9 @@
 One hook point resolver (`resolve_hook_point`) serves every model geoguard supports: the
 decoder-layer stack is found under the wrappers that DDP, DeepSpeed, accelerate and PEFT put
 around a model, and the hook name may be a sae-lens / TransformerLens name
-(`blocks.12.hook_resid_post`), the Hugging Face hook point that newer SAE configs carry
-(`model.layers.12` or `model.layers.12.output`), or any module path of the unwrapped model.
+(`blocks.12.hook_resid_post`, `blocks.12.hook_resid_pre`), the Hugging Face hook point that newer
+SAE configs carry (`model.layers.12`, `model.layers.12.output`, `.input`), or any module path of
+the unwrapped model.
 """
 
 from __future__ import annotations
