@@ -69,6 +69,7 @@ def embedded_model_dir() -> Path:
     _drop_gguf_quantizer(model)
     # Write aside, then rename: a crash never leaves half a cache, and when several ranks convert
     # at once the first rename wins and the others discard their copy.
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + "."))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

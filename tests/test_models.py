@@ -12,9 +12,11 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     assert cache_dir().is_dir()
 
 
-def test_embedded_model_is_converted_once_then_loaded_from_safetensors(embedded, monkeypatch):
-    model, tokenizer = embedded  # the first load (conversion if the cache was empty) happened here
+def test_embedded_model_is_converted_once_then_loaded_from_safetensors(embedded, monkeypatch, tmp_path):
+    model, tokenizer = embedded
+    monkeypatch.setenv("GEOGUARD_CACHE", str(tmp_path / "fresh-cache"))  # a first run on a new machine
     directory = embedded_model_dir()
+    assert directory.is_relative_to(tmp_path) and [p.name for p in directory.parent.iterdir()] == [directory.name]
     weights = directory / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
 
