@@ -2,7 +2,9 @@
 
 Reproduces `geoguard/resources/sae/smollm2-135m-instruct-l11` (see its CARD.md):
 
-    python recipes/train_sae.py --data_dir ../shared/data --output_dir outputs/sae
+    python recipes/probe_layers.py --data_dir ../shared/data --output_json outputs/probe_layers.json
+    python recipes/train_sae.py --data_dir ../shared/data --output_dir outputs/sae \\
+        --layer_probe_json outputs/probe_layers.json
 
 Steps: build a token-budgeted corpus from the offline data (chat and instruction text, code, toxic
 and harmful text; no source above 60%), capture the residual stream at the hook layer with early
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,7 +193,18 @@ Sources are the offline copies of public data sets (see ../shared/data/README.md
 setup): Betley et al. 2025 (insecure/secure code, jailbroken chats; MIT), refusal-direction splits
 (Apache-2.0), Alpaca demo (CC BY-NC 4.0), ToxiGen (MIT), AdvBench (MIT), HarmBench (MIT).
 
-Reproduce: `python recipes/train_sae.py --data_dir ../shared/data --output_dir outputs/sae`
+Reproduce: `python recipes/probe_layers.py --output_json outputs/probe_layers.json`, then
+`python recipes/train_sae.py --output_dir outputs/sae --layer_probe_json outputs/probe_layers.json`
+(both with `--data_dir ../shared/data`).
+"""
+    probe = path / "layer_probe.json"
+    if probe.is_file():
+        rows = json.loads(probe.read_text())["layers"]
+        table = " ".join(f"{r['name']} {r['auroc_mean']:.3f};" for r in rows)
+        text += f"""
+## Layer choice (`recipes/probe_layers.py`, `layer_probe.json`)
+
+5-fold AUROC of a logistic-regression probe on mean-pooled residuals, ToxiGen hate vs neutral: {table}
 """
     (path / "CARD.md").write_text(text, encoding="utf-8")
 
@@ -201,6 +215,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--output_dir", default="outputs/sae")
     parser.add_argument("--layer", type=int, default=11, help="chosen by recipes/probe_layers.py")
+    parser.add_argument("--layer_probe_json", default=None, help="output of recipes/probe_layers.py, cited in the card")
     parser.add_argument("--d_sae", type=int, default=8192)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--corpus_tokens", type=int, default=2_800_000, help="unique tokens (train + held-out)")
@@ -294,6 +309,8 @@ def main() -> None:
         "settings": vars(args),
     }
     (sae_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    if args.layer_probe_json:
+        shutil.copy(args.layer_probe_json, sae_dir / "layer_probe.json")
     write_card(report, sae_dir)
     print(json.dumps(report["heldout"], indent=2), f"train {train_s:.0f} s")
 
