@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from geoguard.data import Sample, Span, iter_token_batches, tokenize_sample
+from geoguard.data import Sample, Span, iter_token_batches, tokenize_samples
 
 _TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 # HF hook points as SAE configs write them: for the *ForCausalLM ("model.layers.L"), the bare
@@ -254,7 +254,7 @@ def iter_activations(
         `acts` `(batch, seq, d_in)`, `keep` the boolean `(batch, seq)` mask of real tokens in `span`
         that are not sinks, and `indices`, the rows' positions in `samples`.
     """
-    tokenized = [tokenize_sample(tokenizer, s, max_length=max_length) for s in samples]
+    tokenized = tokenize_samples(tokenizer, samples, max_length=max_length)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked anyway
     for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id):

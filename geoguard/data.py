@@ -93,6 +93,19 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
     return TokenizedSample(ids, [1] * len(ids))
 
 
+def tokenize_samples(
+    tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], *, max_length: int = 512
+) -> list[TokenizedSample]:
+    """Tokenize every sample; a malformed one raises `ValueError` naming its row."""
+    tokenized = []
+    for row, sample in enumerate(samples):
+        try:
+            tokenized.append(tokenize_sample(tokenizer, sample, max_length=max_length))
+        except ValueError as err:
+            raise ValueError(f"Sample {row}: {err}") from err
+    return tokenized
+
+
 def iter_token_batches(
     tokenized: Sequence[TokenizedSample], *, batch_size: int, pad_token_id: int
 ) -> Iterator[TokenBatch]:

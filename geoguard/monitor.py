@@ -38,7 +38,19 @@ DEFAULT_PROBE_PROMPTS = RESOURCES / "data" / "probe_prompts.jsonl"
 
 def load_probe_prompts(path: str | Path = DEFAULT_PROBE_PROMPTS) -> list[Sample]:
     """Read a JSONL file of `{"messages": [...]}` or `{"text": ...}` probe samples."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+        if not isinstance(row, dict) or not ("messages" in row or "text" in row):
+            raise ValueError(
+                f'{path}, line {number}: expected {{"messages": [...]}} or {{"text": ...}}, got {line[:80]!r}.'
+            )
+        rows.append(row)
     if not rows:
         raise ValueError(f"Probe file {path} holds no samples.")
     return rows

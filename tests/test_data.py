@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from geoguard.data import TokenizedSample, iter_token_batches, tokenize_sample
+from geoguard.data import TokenizedSample, iter_token_batches, tokenize_sample, tokenize_samples
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,9 @@ def test_response_span_survives_a_token_merge_at_the_prompt_boundary(embedded, c
     response = tokenizer.decode([t for t, r in zip(sample.input_ids, sample.response_mask, strict=True) if r])
     assert response.strip().startswith("you better leave") and "Go" not in response
     assert not caplog.records  # a one-token merge is expected, not a template problem
+
+
+def test_a_malformed_sample_in_a_list_is_named_by_its_row(embedded):
+    _, tokenizer = embedded
+    with pytest.raises(ValueError, match="Sample 2: "):
+        tokenize_samples(tokenizer, ["fine", {"text": "also fine"}, {"messages": "broken"}])

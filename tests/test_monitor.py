@@ -89,3 +89,18 @@ def test_resumed_training_keeps_the_step_0_baseline(tmp_path):
     final = [e for e in resumed.state.log_history if MEAN_ACT in e]
     assert [e["step"] for e in final] == [0, 2, 4]  # step 0 and 2 restored from the checkpoint, 4 measured anew
     assert final[-1][DRIFT] == final[-1][MEAN_ACT] - first_guard.baseline[MEAN_ACT]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"messages": []}\n{not json\n', "line 2: not valid JSON"),
+        ('{"prompt": "x"}\n', "line 1: expected"),
+        ("\n", "no samples"),
+    ],
+)
+def test_bad_probe_files_name_the_line(tmp_path, content, message):
+    path = tmp_path / "probes.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_probe_prompts(path)
