@@ -11,7 +11,7 @@ the unwrapped model.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from geoguard.data import Sample, Span, iter_token_batches, tokenize_samples
+from geoguard.data import Sample, Span, TokenizedSample, iter_token_batches, tokenize_samples
 
 _TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 # HF hook points as SAE configs write them: for the *ForCausalLM ("model.layers.L"), the bare
@@ -230,7 +230,7 @@ class SinkRule:
 def iter_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    samples: list[Sample],
+    samples: Sequence[Sample] | Sequence[TokenizedSample],
     hook_name: str,
     *,
     span: Span = "all",
@@ -243,7 +243,8 @@ def iter_activations(
 
     Args:
         model, tokenizer: the model (possibly wrapped) and its tokenizer.
-        samples (`list`): chats or plain texts (see `geoguard.data`).
+        samples (`list`): chats or plain texts (see `geoguard.data`), or samples already tokenized
+            with `tokenize_samples` (then `max_length` does not apply).
         hook_name (`str`): see `resolve_hook_point`.
         span (`Span`, defaults to `"all"`): which tokens `keep` marks: all, prompt or response.
         batch_size (`int`, defaults to 16), max_length (`int`, defaults to 512): batching and truncation.
@@ -254,7 +255,10 @@ def iter_activations(
         `acts` `(batch, seq, d_in)`, `keep` the boolean `(batch, seq)` mask of real tokens in `span`
         that are not sinks, and `indices`, the rows' positions in `samples`.
     """
-    tokenized = tokenize_samples(tokenizer, samples, max_length=max_length)
+    if samples and isinstance(samples[0], TokenizedSample):
+        tokenized = samples
+    else:
+        tokenized = tokenize_samples(tokenizer, samples, max_length=max_length)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked anyway
     for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 
 from geoguard.data import Sample
 
@@ -68,3 +68,85 @@ def load_instructions(path: str | os.PathLike) -> list[Sample]:
     """Load `[{"instruction": ...}]` request lists (harmful/harmless splits) as single-turn user chats."""
     rows = load_dataset("json", data_files=str(path), split="train")
     return [{"messages": [{"role": "user", "content": row["instruction"]}]} for row in rows]
+
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
+def load_samples(
+    source: str | os.PathLike,
+    *,
+    split: str = "train",
+    text_field: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> list[Sample]:
+    """Load chat or plain-text samples from a local file, a saved `datasets` folder, or a Hub data set.
+
+    Local files: `.json`, `.jsonl`, `.csv`, `.parquet`, or `.txt` (one sample a line). A row becomes a
+    sample from the first of these it has: `text_field` (plain text), `messages` (a chat),
+    `prompt` + `completion` (TRL's prompt-completion format, strings or message lists),
+    `instruction` [+ `input`] [+ `output`] (Alpaca style), `text`.
+
+    Args:
+        source (`str` or path): file, `save_to_disk` folder, or Hub data set name.
+        split (`str`, defaults to `"train"`): split of a Hub data set.
+        text_field (`str`, *optional*): column holding plain text; overrides the automatic choice.
+        max_samples (`int`, *optional*): keep a seeded random subset of this size.
+        seed (`int`, defaults to 0): seed of the subset.
+
+    Raises:
+        ValueError: naming the row when a row has none of the columns above or a field of the wrong type.
+    """
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in _FILE_BUILDERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
+        rows = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    elif path.is_dir():
+        rows = load_from_disk(str(path))
+    else:
+        rows = load_dataset(str(source), split=split)
+    if max_samples is not None and max_samples < len(rows):
+        rows = rows.shuffle(seed=seed).select(range(max_samples))
+    samples = []
+    for i, row in enumerate(rows):
+        try:
+            samples.append(_row_to_sample(row, text_field))
+        except ValueError as err:
+            raise ValueError(f"{source}, row {i}: {err}") from err
+    return samples
+
+
+def _row_to_sample(row: dict, text_field: str | None) -> Sample:
+    if text_field is not None:
+        if text_field not in row:
+            raise ValueError(f"no column {text_field!r} (columns: {sorted(row)}).")
+        return {"text": _text(row, text_field)}
+    if "messages" in row:
+        return {"messages": row["messages"]}
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return {"messages": prompt + completion}
+        raise ValueError("'prompt' and 'completion' must both be strings or both be lists of messages.")
+    if "instruction" in row:
+        prompt = _text(row, "instruction") + (f"\n\n{row['input']}" if row.get("input") else "")
+        if row.get("output"):
+            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
+        return {"messages": [{"role": "user", "content": prompt}]}
+    if "text" in row:
+        return {"text": _text(row, "text")}
+    raise ValueError(
+        f"none of the columns geoguard reads (messages; prompt + completion; instruction; text) is here "
+        f"(columns: {sorted(row)}). Pass text_field (--text_field) to name the text column."
+    )
+
+
+def _text(row: dict, column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{column!r} must be a non-empty string, got {value!r:.60}.")
+    return value

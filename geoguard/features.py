@@ -1,20 +1,36 @@
-"""Feature sets: SAE features tied to a concept (toxicity) found by a contrast, saved with their provenance.
+"""Feature sets: the SAE features tied to a concept (toxicity, a training data set), found by contrasts.
 
-A *feature set* is a list of SAE feature ids with per-feature statistics, their decoder
-directions, and the identity of the SAE and hook point they belong to. This module finds one
-from a contrast of two text collections (target vs reference) whose sides match in format: a
-contrast whose sides differ in format, length or source finds those differences instead.
+A *feature set* is a list of SAE feature ids with per-feature statistics, readable labels, their
+decoder directions, and the identity of the SAE and hook point they belong to.
 
-Selection (first version): pool each sample's SAE feature activations over its tokens (mean),
-rank features by AUROC of target vs reference on a selection split, skip always-on features, keep
-the top k; the set's separation is then measured on a held-out split it was not selected on.
+`find_features` selects one from one or more *contrasts*, each a pair of text collections
+(target vs reference) that should differ only in the concept:
+
+1. Each side of each contrast is split into a selection part and a held-out part.
+2. Selection pass: every sample's SAE feature activations are pooled over the tokens of a span
+   (max or mean) and streamed into fixed-memory histograms (`geoguard.stats.PooledHistogram`);
+   no activation is kept. Features are ranked by AUROC (or standardized mean difference) of
+   target over reference, averaged over the contrasts, so a feature must separate every
+   contrast. Features active in nearly every sample of every side are skipped: they carry
+   position or format, not content.
+3. Held-out pass: only the selected features are kept, for the held-out samples. Their AUROC
+   there comes with a stratified permutation p-value (valid: the features were not selected on
+   these samples) and a Benjamini-Hochberg q-value. The set's score (mean pooled activation of
+   its features) is reported per contrast, next to what length alone achieves, and on extra
+   `check` contrasts used for nothing else.
+
+The traps are flagged in `summary["warnings"]`: a contrast whose sides differ in format, length
+or source finds those differences instead of the concept, and a set that only works on one
+source's data does not separate the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,20 +39,50 @@ import numpy as np
 import torch
 from sae_lens import SAE
 from safetensors.torch import load_file, save_file
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from geoguard.capture import SinkRule, iter_activations
-from geoguard.data import Sample, Span
+from geoguard.capture import SinkRule, final_norm, iter_activations, unwrap_model
+from geoguard.data import Sample, Span, TokenizedSample, tokenize_samples
 from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
+from geoguard.stats import (
+    PooledHistogram,
+    auroc,
+    benjamini_hochberg,
+    histogram_auroc,
+    permutation_auroc,
+    standardized_mean_difference,
+)
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["max", "mean"]
 """How token activations become one value per sample: `max` (fires anywhere) or `mean` (length-normalised)."""
 
-EMBEDDED_TOXIC_SET = RESOURCES / "feature_sets" / "toxic-toxigen"
-"""The toxic feature set shipped for the embedded SAE (ToxiGen hate vs neutral sentences)."""
+RankBy = Literal["auroc", "smd"]
+"""Selection statistic: `auroc` (rank-based, robust to heavy tails) or `smd` (standardized mean difference)."""
+
+EMBEDDED_FEATURE_SETS = RESOURCES / "feature_sets"
+"""Feature sets shipped for the embedded SAE: `toxic`, `inducing-insecure`, `control-secure`, `control-educational`."""
+
+EMBEDDED_TOXIC_SET = EMBEDDED_FEATURE_SETS / "toxic"
+"""The toxic feature set of the embedded SAE (ToxiGen hate vs neutral, harmful vs harmless requests)."""
+
+
+@dataclass
+class Contrast:
+    """Two text collections that should differ only in the concept of interest.
+
+    Attributes:
+        name: short name used in reports, e.g. `"toxigen"`.
+        target: samples with the concept (toxic sentences, insecure code, ...).
+        reference: samples without it, matched in format and length as far as possible.
+    """
+
+    name: str
+    target: list[Sample]
+    reference: list[Sample]
 
 
 def sae_fingerprint(sae: SAE) -> str:
@@ -46,7 +92,7 @@ def sae_fingerprint(sae: SAE) -> str:
 
 @dataclass
 class FeatureSet:
-    """SAE feature ids with statistics, decoder directions and provenance.
+    """SAE feature ids with statistics, labels, decoder directions and provenance.
 
     Attributes:
         name: short name, e.g. `"toxic"`.
@@ -54,10 +100,13 @@ class FeatureSet:
         hook_name: hook point of the SAE.
         d_sae: width of the SAE.
         sae_fingerprint: `sae_fingerprint(sae)` of the SAE the ids refer to.
-        stats: per-feature lists aligned with `feature_ids` (e.g. `auroc`, `target_mean`).
-        summary: set-level results (e.g. `heldout_auroc`).
-        provenance: data and parameters the set was selected with.
+        stats: per-feature lists aligned with `feature_ids` (e.g. `heldout_auroc`, `p_value`).
+        summary: set-level results (e.g. `heldout_auroc`, `contrasts`, `warnings`).
+        provenance: model, data and parameters the set was selected with.
+        labels: per feature, `top_tokens` (logit lens) and top-activating `examples`.
         decoder: `(k, d_in)` unit-norm decoder directions of the features.
+        density: `(d_sae,)` share of tokens on which each SAE feature fired in the selection data
+            (used to draw frequency-matched random feature sets in `geoguard.geometry`).
     """
 
     name: str
@@ -68,31 +117,39 @@ class FeatureSet:
     stats: dict[str, list[float]] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    labels: list[dict] = field(default_factory=list)
     decoder: torch.Tensor | None = None
+    density: torch.Tensor | None = None
 
     def save(self, path: str | Path) -> None:
-        """Write `feature_set.json` and `decoder.safetensors` into directory `path`."""
+        """Write `feature_set.json` and `decoder.safetensors` (decoder directions, density) into directory `path`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {k: v for k, v in asdict(self).items() if k != "decoder"}
-        (path / "feature_set.json").write_text(json.dumps(meta, indent=2))
-        if self.decoder is not None:
-            save_file({"decoder": self.decoder.contiguous()}, path / "decoder.safetensors")
+        meta = {k: v for k, v in asdict(self).items() if k not in ("decoder", "density")}
+        (path / "feature_set.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        tensors = {
+            k: v.contiguous() for k, v in (("decoder", self.decoder), ("density", self.density)) if v is not None
+        }
+        if tensors:
+            save_file(tensors, path / "decoder.safetensors")
 
     @classmethod
     def load(cls, path: str | Path = EMBEDDED_TOXIC_SET, sae: SAE | None = None) -> FeatureSet:
         """Load a feature set; with `sae`, check that the set belongs to it.
 
         Raises:
+            FileNotFoundError: when `path` holds no `feature_set.json`.
             ValueError: when the set was selected on another SAE (width or decoder differ).
         """
         path = Path(path)
         if not (path / "feature_set.json").is_file():
-            raise FileNotFoundError(f"No feature set at {path} (feature_set.json missing).")
-        meta = json.loads((path / "feature_set.json").read_text())
-        decoder_file = path / "decoder.safetensors"
-        decoder = load_file(decoder_file)["decoder"] if decoder_file.is_file() else None
-        feature_set = cls(**meta, decoder=decoder)
+            raise FileNotFoundError(
+                f"No feature set at {path} (feature_set.json missing). Create one with `geoguard features` "
+                "or pass the directory of a saved set."
+            )
+        meta = json.loads((path / "feature_set.json").read_text(encoding="utf-8"))
+        tensors = load_file(path / "decoder.safetensors") if (path / "decoder.safetensors").is_file() else {}
+        feature_set = cls(**meta, decoder=tensors.get("decoder"), density=tensors.get("density"))
         if sae is not None:
             feature_set.check_belongs_to(sae)
         return feature_set
@@ -103,8 +160,40 @@ class FeatureSet:
             raise ValueError(
                 f"Feature set {self.name!r} was selected on another SAE (d_sae={self.d_sae}, "
                 f"fingerprint {self.sae_fingerprint}); this SAE has d_sae={sae.cfg.d_sae}, fingerprint "
-                f"{sae_fingerprint(sae)}. Select the features again on this SAE (geoguard.features.find_features)."
+                f"{sae_fingerprint(sae)}. Select the features again on this SAE (`geoguard features`)."
             )
+
+
+def pool_rows(feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pool kept-token activations `(n_kept, d)` into one row per sequence `(batch, d)`; `keep` is `(batch, seq)`."""
+    rows = keep.nonzero()[:, 0]  # row of each kept token, in the order of acts[keep]
+    pooled = torch.zeros(keep.shape[0], feature_acts.shape[1], dtype=feature_acts.dtype)
+    if pooling == "max":
+        # SAE activations are non-negative, so a zero start is the identity of max.
+        return pooled.index_reduce_(0, rows, feature_acts, "amax", include_self=True)
+    pooled.index_add_(0, rows, feature_acts)
+    return pooled / keep.sum(1).clamp(min=1).unsqueeze(1).to(pooled.dtype)
+
+
+@torch.no_grad()
+def iter_feature_acts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sae: SAE,
+    samples: Sequence[Sample] | Sequence[TokenizedSample],
+    *,
+    hook_name: str | None = None,
+    span: Span = "all",
+    batch_size: int = 16,
+    sink_rule: SinkRule | None = SinkRule(),
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Yield `(feature_acts, keep, indices)` per batch: SAE activations `(n_kept, d_sae)` of the kept tokens on CPU."""
+    hook_name = hook_name or sae_hook_name(sae)
+    for acts, keep, indices in iter_activations(
+        model, tokenizer, samples, hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
+    ):
+        feature_acts = sae.encode(acts[keep].to(sae.device, sae.dtype)).float().cpu()  # (n_kept, d_sae)
+        yield feature_acts, keep.cpu(), indices
 
 
 @torch.no_grad()
@@ -112,7 +201,7 @@ def pooled_feature_acts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     sae: SAE,
-    samples: list[Sample],
+    samples: Sequence[Sample] | Sequence[TokenizedSample],
     *,
     hook_name: str | None = None,
     span: Span = "all",
@@ -120,127 +209,345 @@ def pooled_feature_acts(
     batch_size: int = 16,
     sink_rule: SinkRule | None = SinkRule(),
 ) -> torch.Tensor:
-    """Return `(n_samples, d_sae)` SAE feature activations pooled over each sample's kept tokens."""
-    hook_name = hook_name or sae_hook_name(sae)
+    """Return `(n_samples, d_sae)` SAE feature activations pooled over each sample's kept tokens.
+
+    This holds one row per sample; `find_features` streams instead and never needs it.
+    """
     pooled = torch.zeros(len(samples), sae.cfg.d_sae)
-    for acts, keep, indices in iter_activations(
-        model, tokenizer, samples, hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
+    for feature_acts, keep, indices in iter_feature_acts(
+        model, tokenizer, sae, samples, hook_name=hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
     ):
-        feature_acts = sae.encode(acts[keep].to(sae.device, sae.dtype)).float().cpu()  # (n_kept, d_sae)
-        rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep].cpu()
-        batch = torch.zeros(keep.shape[0], sae.cfg.d_sae)
-        if pooling == "max":
-            batch.index_reduce_(0, rows, feature_acts, "amax", include_self=True)
-        else:
-            batch.index_add_(0, rows, feature_acts)
-            batch /= keep.sum(1).clamp(min=1).unsqueeze(1).cpu()
-        pooled[indices] = batch
+        pooled[indices] = pool_rows(feature_acts, keep, pooling)
     return pooled
 
 
-def feature_aurocs(target: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-    """Per-feature AUROC of `target` `(n_t, d)` over `reference` `(n_r, d)` (Mann-Whitney U, ties averaged)."""
-    values = torch.cat([target, reference]).numpy()
-    ranks = rankdata(values, axis=0)  # (n_t + n_r, d)
-    n_t, n_r = len(target), len(reference)
-    u = ranks[:n_t].sum(0) - n_t * (n_t + 1) / 2
-    return u / (n_t * n_r)
+def logit_lens_tokens(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, directions: torch.Tensor, n: int = 8
+) -> list[list[str]]:
+    """Top tokens of each direction `(k, d_in)` read through the model's final norm and unembedding."""
+    base = unwrap_model(model)
+    unembed = base.get_output_embeddings()
+    with torch.no_grad():
+        logits = unembed(final_norm(base)(directions.to(unembed.weight.device, unembed.weight.dtype)))  # (k, vocab)
+    return [[tokenizer.decode([t]) for t in row] for row in logits.topk(n, dim=-1).indices.tolist()]
 
 
+@dataclass
+class _Group:
+    """One side of one contrast, tokenized, with its selection and held-out rows."""
+
+    contrast: str
+    side: Literal["target", "reference"]
+    role: Literal["selection", "check"]
+    tokenized: list[TokenizedSample]
+    select: list[int]
+    heldout: list[int]
+
+
+class _TopExamples:
+    """Running top-`n` activating (sample, position) pairs of `k` features over all groups."""
+
+    def __init__(self, k: int, n: int) -> None:
+        self.values = torch.full((k, n), -1.0)
+        self.refs = torch.full((k, n, 3), -1, dtype=torch.long)  # (group, row in group, token position)
+
+    def update(self, sel_acts: torch.Tensor, keep: torch.Tensor, group: int, rows: list[int]) -> None:
+        dense = torch.zeros(*keep.shape, sel_acts.shape[1])  # (batch, seq, k)
+        dense[keep] = sel_acts
+        best, pos = dense.max(1)  # (batch, k): one example per sample
+        refs = torch.stack(
+            [torch.full_like(pos, group), torch.tensor(rows).unsqueeze(1).expand_as(pos), pos], dim=-1
+        ).transpose(0, 1)  # (k, batch, 3)
+        values = torch.cat([self.values, best.T], dim=1)
+        self.values, top = values.topk(self.values.shape[1], dim=1)
+        self.refs = torch.cat([self.refs, refs], dim=1).gather(1, top.unsqueeze(-1).expand(-1, -1, 3))
+
+
+def _split(name: str, side: str, samples: list[int], heldout_fraction: float, rng: random.Random):
+    rows = samples[:]
+    rng.shuffle(rows)
+    n_held = int(len(rows) * heldout_fraction)
+    if n_held < 2 or len(rows) - n_held < 2:
+        raise ValueError(
+            f"Contrast {name!r}: the {side} side has {len(rows)} samples, too few for selection and held-out "
+            f"splits of at least 2 each at heldout_fraction={heldout_fraction}. Add samples or change heldout_fraction."
+        )
+    return sorted(rows[n_held:]), sorted(rows[:n_held])
+
+
+def _match_lengths(t_len: np.ndarray, r_len: np.ndarray, rng: random.Random, n_bins: int = 10):
+    """Row indices of both sides subsampled so that their length histograms match (decile bins of the union)."""
+    edges = np.quantile(np.concatenate([t_len, r_len]), np.linspace(0, 1, n_bins + 1)[1:-1])
+    t_bins, r_bins = np.digitize(t_len, edges), np.digitize(r_len, edges)
+    keep_t, keep_r = [], []
+    for b in range(n_bins):
+        t_rows, r_rows = np.flatnonzero(t_bins == b).tolist(), np.flatnonzero(r_bins == b).tolist()
+        n = min(len(t_rows), len(r_rows))
+        keep_t += rng.sample(t_rows, n)
+        keep_r += rng.sample(r_rows, n)
+    return sorted(keep_t), sorted(keep_r)
+
+
+def _span_lengths(tokenized: list[TokenizedSample], span: Span) -> np.ndarray:
+    if span == "all":
+        return np.array([len(t.input_ids) for t in tokenized])
+    want = int(span == "response")
+    return np.array([sum(m == want for m in t.response_mask) for t in tokenized])
+
+
+@torch.no_grad()
 def find_features(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     sae: SAE,
-    target: list[Sample],
-    reference: list[Sample],
+    contrasts: Contrast | Sequence[Contrast],
     *,
     name: str,
     k: int = 100,
     span: Span = "all",
     pooling: Pooling = "mean",
+    rank_by: RankBy = "auroc",
     heldout_fraction: float = 0.3,
     max_sample_firing: float = 0.9,
+    match_lengths: bool = False,
+    check_contrasts: Sequence[Contrast] = (),
+    flag_below: float = 0.6,
+    n_permutations: int = 1000,
+    n_examples: int = 5,
+    batch_size: int = 16,
+    max_length: int = 512,
+    sink_rule: SinkRule | None = SinkRule(),
     seed: int = 0,
     provenance: dict | None = None,
+    progress: bool = True,
 ) -> FeatureSet:
-    """Select the `k` SAE features that best separate `target` from `reference` samples.
+    """Select the `k` SAE features that best separate target from reference in every contrast.
 
     Args:
-        model, tokenizer, sae: the model and the SAE that reads it.
-        target (`list`), reference (`list`): the two sides of the contrast; they should match in
-            format (e.g. ToxiGen hate vs neutral sentences).
+        model, tokenizer, sae: the model and the SAE that reads it (checked with `check_sae_fits`).
+        contrasts (`Contrast` or list): target vs reference pairs matched in format (e.g. ToxiGen hate vs
+            neutral sentences; harmful vs harmless requests). Features are ranked by their statistic
+            averaged over the contrasts.
         name (`str`): name of the set.
         k (`int`, defaults to 100): number of features (the paper's top-100).
-        span (`Span`, defaults to `"all"`): tokens used per sample.
-        pooling (`Pooling`, defaults to `"mean"`): token pooling per sample (mean separated ToxiGen
-            hate from neutral better than max on the embedded SAE: held-out AUROC 0.81 vs 0.66 at k=100).
-        heldout_fraction (`float`, defaults to 0.3): share of each side kept out of selection and
-            used to measure the set's separation (`summary["heldout_auroc"]`).
-        max_sample_firing (`float`, defaults to 0.9): skip features active in more than this share
-            of the samples of both sides (always-on features carry position or format, not content).
-        seed (`int`, defaults to 0): seed of the split.
-        provenance (`dict`, *optional*): description of the data, stored with the set.
+        span (`Span`, defaults to `"all"`): tokens used per sample (all, prompt or response).
+        pooling (`Pooling`, defaults to `"mean"`): token pooling per sample. Mean is length-normalised
+            and separated ToxiGen hate from neutral better than max on the embedded SAE.
+        rank_by (`RankBy`, defaults to `"auroc"`): selection statistic.
+        heldout_fraction (`float`, defaults to 0.3): share of each side kept out of selection and used
+            for the held-out statistics.
+        max_sample_firing (`float`, defaults to 0.9): skip features active in more than this share of
+            the samples of every side of every contrast (dense, always-on features).
+        match_lengths (`bool`, defaults to `False`): subsample each contrast so that both sides have the
+            same token-length histogram (decile bins), removing length as a confound.
+        check_contrasts (list of `Contrast`, defaults to none): contrasts used only to measure the set's
+            separation (e.g. another data source), never for selection.
+        flag_below (`float`, defaults to 0.6): warn when the set's held-out AUROC on a contrast is below this.
+        n_permutations (`int`, defaults to 1000): label permutations for the held-out p-values.
+        n_examples (`int`, defaults to 5): top-activating held-out snippets kept per feature.
+        batch_size (`int`, defaults to 16), max_length (`int`, defaults to 512): batching and truncation.
+        sink_rule (`SinkRule`, *optional*): attention-sink tokens left out of every statistic.
+        seed (`int`, defaults to 0): seed of the splits and permutations.
+        provenance (`dict`, *optional*): description of the model and data, stored with the set.
+        progress (`bool`, defaults to `True`): show a progress bar over the samples of both passes.
 
     Returns:
-        The `FeatureSet`, with per-feature `auroc`, `target_mean`, `reference_mean` and the held-out AUROC
-        of the set's score (mean pooled activation of its features).
+        The `FeatureSet`. `stats` holds per feature `selection_auroc`, `selection_smd`, `heldout_auroc`,
+        `p_value`, `q_value`, `target_mean`, `reference_mean`; `summary` holds the set's held-out AUROC
+        (mean over selection contrasts), a row per contrast (set AUROC, p-value, AUROC of length alone)
+        and `warnings`.
+
+    Example:
+        >>> toxic = find_features(model, tokenizer, sae, Contrast("toxigen", hate, neutral), name="toxic")
+        >>> toxic.summary["heldout_auroc"], toxic.summary["warnings"]
     """
+    contrasts = [contrasts] if isinstance(contrasts, Contrast) else list(contrasts)
+    if not contrasts:
+        raise ValueError("find_features needs at least one Contrast(name, target, reference).")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
+    if k < 1 or k > sae.cfg.d_sae:
+        raise ValueError(f"k must be between 1 and the SAE width {sae.cfg.d_sae}, got {k}.")
     check_sae_fits(sae, model)
     hook_name = sae_hook_name(sae)
     rng = random.Random(seed)
-    splits = {}
-    for side, samples in (("target", target), ("reference", reference)):
-        samples = samples[:]
-        rng.shuffle(samples)
-        n_held = int(len(samples) * heldout_fraction)
-        if n_held < 2 or len(samples) - n_held < 2:
-            raise ValueError(
-                f"The {side} side has {len(samples)} samples: too few for selection and held-out splits of at "
-                f"least 2 each at heldout_fraction={heldout_fraction}. Add samples or change heldout_fraction."
+
+    groups: list[_Group] = []
+    length_note = {}
+    for role, items in (("selection", contrasts), ("check", check_contrasts)):
+        for contrast in items:
+            sides = {}
+            for side in ("target", "reference"):
+                try:
+                    sides[side] = tokenize_samples(tokenizer, getattr(contrast, side), max_length=max_length)
+                except ValueError as err:
+                    raise ValueError(f"Contrast {contrast.name!r}, {side} side: {err}") from err
+            rows = {side: list(range(len(tok))) for side, tok in sides.items()}
+            if match_lengths:
+                rows["target"], rows["reference"] = _match_lengths(
+                    _span_lengths(sides["target"], span), _span_lengths(sides["reference"], span), rng
+                )
+                length_note[contrast.name] = [len(rows["target"]), len(rows["reference"])]
+            for side in ("target", "reference"):
+                if role == "selection":
+                    select, heldout = _split(contrast.name, side, rows[side], heldout_fraction, rng)
+                else:
+                    select, heldout = [], rows[side]
+                groups.append(_Group(contrast.name, side, role, sides[side], select, heldout))
+
+    bar = tqdm(
+        total=sum(len(g.select) + len(g.heldout) for g in groups),
+        desc=f"features {name}",
+        unit="sample",
+        disable=not progress,
+    )
+
+    def stream(group: _Group, rows: list[int]):
+        for feature_acts, keep, indices in iter_feature_acts(
+            model,
+            tokenizer,
+            sae,
+            [group.tokenized[i] for i in rows],
+            hook_name=hook_name,
+            span=span,
+            batch_size=batch_size,
+            sink_rule=sink_rule,
+        ):
+            bar.update(len(indices))
+            yield feature_acts, keep, indices
+
+    # Selection pass: fixed-memory histograms per group, token firing counts for the density.
+    d_sae = sae.cfg.d_sae
+    hists: dict[tuple[str, str], PooledHistogram] = {}
+    token_firing, n_tokens = torch.zeros(d_sae, dtype=torch.int64), 0
+    for group in (g for g in groups if g.role == "selection"):
+        hist = hists[(group.contrast, group.side)] = PooledHistogram(d_sae)
+        for feature_acts, keep, _ in stream(group, group.select):
+            hist.update(pool_rows(feature_acts, keep, pooling))
+            token_firing += (feature_acts > 0).sum(0)
+            n_tokens += len(feature_acts)
+    pairs = [(hists[(c.name, "target")], hists[(c.name, "reference")]) for c in contrasts]
+    sel_auroc = np.mean([histogram_auroc(t, r) for t, r in pairs], axis=0)
+    sel_smd = np.mean([standardized_mean_difference(t, r) for t, r in pairs], axis=0)
+    always_on = np.all([h.firing_fraction.numpy() > max_sample_firing for h in hists.values()], axis=0)
+    ranking = (sel_auroc if rank_by == "auroc" else sel_smd).copy()
+    ranking[always_on] = -np.inf
+    ids = [int(i) for i in np.argsort(-ranking, kind="stable")[:k]]
+
+    # Held-out pass: the selected features only, plus the top-activating snippets.
+    top = _TopExamples(len(ids), n_examples)
+    heldout: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for gi, group in enumerate(groups):
+        acts = np.zeros((len(group.heldout), len(ids)), dtype=np.float32)
+        for feature_acts, keep, indices in stream(group, group.heldout):
+            sel = feature_acts[:, ids]  # (n_kept, k)
+            acts[indices] = pool_rows(sel, keep, pooling).numpy()
+            top.update(sel, keep, gi, [group.heldout[i] for i in indices])
+        lengths = _span_lengths([group.tokenized[i] for i in group.heldout], span)
+        heldout[(group.contrast, group.side)] = (acts, lengths)
+    bar.close()
+
+    selection_groups = [(heldout[(c.name, "target")][0], heldout[(c.name, "reference")][0]) for c in contrasts]
+    feature_auroc, p_value = permutation_auroc(selection_groups, n_permutations=n_permutations, seed=seed)
+    q_value = benjamini_hochberg(p_value)
+
+    rows, warnings = [], []
+    for role, items in (("selection", contrasts), ("check", check_contrasts)):
+        for contrast in items:
+            (t_acts, t_len), (r_acts, r_len) = heldout[(contrast.name, "target")], heldout[(contrast.name, "reference")]
+            t_score, r_score = t_acts.mean(1, keepdims=True), r_acts.mean(1, keepdims=True)
+            set_auroc, set_p = permutation_auroc([(t_score, r_score)], n_permutations=n_permutations, seed=seed)
+            length_auroc = float(auroc(t_len, r_len))
+            rows.append(
+                {
+                    "name": contrast.name,
+                    "role": role,
+                    "n_target": len(t_acts),
+                    "n_reference": len(r_acts),
+                    "heldout_auroc": float(set_auroc[0]),
+                    "p_value": float(set_p[0]),
+                    "length_auroc": length_auroc,
+                }
             )
-        splits[side] = (samples[n_held:], samples[:n_held])
+            if set_auroc[0] < flag_below:
+                what = "does not transfer to" if role == "check" else "barely separates"
+                warnings.append(
+                    f"The set {what} {contrast.name!r} (held-out AUROC {set_auroc[0]:.2f}): it may detect another "
+                    "contrast's format or source rather than the concept."
+                )
+            if abs(length_auroc - 0.5) > 0.2:
+                warnings.append(
+                    f"In {contrast.name!r}, length alone separates the sides (held-out AUROC {length_auroc:.2f}): "
+                    "features may track length or format. Use a format-matched contrast or match_lengths=True."
+                )
+    n_significant = int((q_value < 0.05).sum())
+    if n_significant < len(ids) / 2:
+        warnings.append(f"Only {n_significant} of {len(ids)} features separate held-out data (BH q < 0.05).")
+    for warning in warnings:
+        logger.warning("Feature set %r: %s", name, warning)
 
-    def pool(samples: list[Sample]) -> torch.Tensor:
-        return pooled_feature_acts(model, tokenizer, sae, samples, hook_name=hook_name, span=span, pooling=pooling)
-
-    t_sel, r_sel = pool(splits["target"][0]), pool(splits["reference"][0])
-    aurocs = feature_aurocs(t_sel, r_sel)
-    always_on = ((t_sel > 0).float().mean(0) > max_sample_firing) & ((r_sel > 0).float().mean(0) > max_sample_firing)
-    aurocs[always_on.numpy()] = -np.inf
-    ids = [int(i) for i in np.argsort(-aurocs)[:k]]
-
-    t_held, r_held = pool(splits["target"][1])[:, ids], pool(splits["reference"][1])[:, ids]
-    scores = torch.cat([t_held, r_held]).mean(1).numpy()
-    labels = [1] * len(t_held) + [0] * len(r_held)
     decoder = sae.W_dec[ids].detach().float().cpu()
+    tokens = logit_lens_tokens(model, tokenizer, decoder)
+    labels = []
+    for f in range(len(ids)):
+        examples = []
+        for value, (gi, row, pos) in zip(top.values[f].tolist(), top.refs[f].tolist(), strict=True):
+            if gi < 0 or value <= 0:
+                continue
+            group = groups[gi]
+            ids_ = group.tokenized[row].input_ids
+            text = (
+                tokenizer.decode(ids_[max(0, pos - 12) : pos])
+                + "«"
+                + tokenizer.decode(ids_[pos : pos + 1])
+                + "»"
+                + tokenizer.decode(ids_[pos + 1 : pos + 4])
+            )
+            examples.append({"text": text, "activation": value, "contrast": group.contrast, "side": group.side})
+        labels.append({"top_tokens": tokens[f], "examples": examples})
+
     return FeatureSet(
         name=name,
         feature_ids=ids,
         hook_name=hook_name,
-        d_sae=sae.cfg.d_sae,
+        d_sae=d_sae,
         sae_fingerprint=sae_fingerprint(sae),
         stats={
-            "auroc": [float(aurocs[i]) for i in ids],
-            "target_mean": t_sel[:, ids].mean(0).tolist(),
-            "reference_mean": r_sel[:, ids].mean(0).tolist(),
+            "selection_auroc": [float(sel_auroc[i]) for i in ids],
+            "selection_smd": [float(sel_smd[i]) for i in ids],
+            "heldout_auroc": feature_auroc.tolist(),
+            "p_value": p_value.tolist(),
+            "q_value": q_value.tolist(),
+            "target_mean": np.mean([t.mean.numpy()[ids] for t, _ in pairs], axis=0).tolist(),
+            "reference_mean": np.mean([r.mean.numpy()[ids] for _, r in pairs], axis=0).tolist(),
         },
         summary={
-            "heldout_auroc": float(roc_auc_score(labels, scores)),
-            "n_select": [len(splits["target"][0]), len(splits["reference"][0])],
-            "n_heldout": [len(t_held), len(r_held)],
+            "heldout_auroc": float(np.mean([r["heldout_auroc"] for r in rows if r["role"] == "selection"])),
+            "contrasts": rows,
+            "n_significant": n_significant,
             "always_on_skipped": int(always_on.sum()),
+            "selection_tokens": n_tokens,
+            "warnings": warnings,
         },
         provenance={
+            "contrasts": [
+                {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
+                for role, items in (("selection", contrasts), ("check", check_contrasts))
+                for c in items
+            ],
+            "length_matched": length_note,
             "span": span,
             "pooling": pooling,
+            "rank_by": rank_by,
             "k": k,
-            "seed": seed,
             "heldout_fraction": heldout_fraction,
             "max_sample_firing": max_sample_firing,
-            "sink_rule": asdict(SinkRule()),
+            "n_permutations": n_permutations,
+            "seed": seed,
+            "sink_rule": asdict(sink_rule) if sink_rule is not None else None,
             **(provenance or {}),
         },
+        labels=labels,
         decoder=decoder / decoder.norm(dim=1, keepdim=True),
+        density=(token_firing.double() / max(n_tokens, 1)).float(),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,3 +62,33 @@ def _seed():
 def embedded():
     """The embedded SmolLM2-135M-Instruct and its tokenizer (converted from GGUF on first use)."""
     return load_model()
+
+
+PLANTED = {"Z": 11, "Q": 42, "X": 200}
+"""Planted features of `planted_sae`: SAE feature id that fires on each character."""
+
+
+def planted_sae(model, layer: int = 0) -> TopKSAE:
+    """A `tiny_sae` whose features `PLANTED` fire on the residual of their characters (char tokenizer ids)."""
+    sae = tiny_sae(d_in=model.config.hidden_size, layer=layer)
+    embeddings = model.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        for char, feature in PLANTED.items():
+            direction = embeddings[ord(char)] / embeddings[ord(char)].norm()
+            sae.W_enc[:, feature] = 50 * direction
+            sae.b_enc[feature] = -4  # fires on its own character only (activation ~8 there, below 2 elsewhere)
+    return sae
+
+
+def planted_texts(n: int, planted: str, seed: int) -> list[str]:
+    """`n` random lowercase texts, each with the characters of `planted` inserted twice; without `planted`,
+    the same number of random letters instead, so both sides have the same length distribution."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        chars = [rng.choice("abcdefghijklmnop ") for _ in range(rng.randint(20, 40))]
+        for char in (planted or "".join(rng.choice("abcdefghijklmnop") for _ in range(3))) * 2:
+            chars.insert(rng.randrange(len(chars) + 1), char)
+        texts.append("".join(chars))
+    return texts

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
-from geoguard.features import FeatureSet, feature_aurocs, pooled_feature_acts, sae_fingerprint
+from geoguard.features import (
+    EMBEDDED_FEATURE_SETS,
+    Contrast,
+    FeatureSet,
+    find_features,
+    pooled_feature_acts,
+    sae_fingerprint,
+)
 from geoguard.sae import EMBEDDED_SAE, load_sae
 
-from conftest import char_tokenizer, tiny_llama, tiny_sae
+from conftest import PLANTED, char_tokenizer, planted_sae, planted_texts, tiny_llama, tiny_sae
 
 
 def _feature_set(sae) -> FeatureSet:
@@ -19,10 +24,12 @@ def _feature_set(sae) -> FeatureSet:
         hook_name="blocks.1.hook_resid_post",
         d_sae=sae.cfg.d_sae,
         sae_fingerprint=sae_fingerprint(sae),
-        stats={"auroc": [0.9, 0.8, 0.7]},
+        stats={"heldout_auroc": [0.9, 0.8, 0.7]},
         summary={"heldout_auroc": 0.75},
-        provenance={"target": "hate", "reference": "neutral"},
+        provenance={"contrasts": [{"name": "hate_vs_neutral"}]},
+        labels=[{"top_tokens": ["a"], "examples": []}] * 3,
         decoder=sae.W_dec[ids].detach(),
+        density=torch.rand(sae.cfg.d_sae),
     )
 
 
@@ -31,36 +38,92 @@ def test_feature_set_round_trip(tmp_path):
     original = _feature_set(sae)
     original.save(tmp_path / "set")
     loaded = FeatureSet.load(tmp_path / "set", sae=sae)
-    assert (
-        loaded.feature_ids == [3, 1, 7] and loaded.stats == original.stats and loaded.provenance == original.provenance
-    )
+    assert loaded.feature_ids == [3, 1, 7]
+    assert (loaded.stats, loaded.provenance, loaded.labels) == (original.stats, original.provenance, original.labels)
     torch.testing.assert_close(loaded.decoder, original.decoder)
+    torch.testing.assert_close(loaded.density, original.density)
 
 
 def test_loading_a_feature_set_with_another_sae_is_a_clear_error(tmp_path):
     _feature_set(tiny_sae(seed=0)).save(tmp_path / "set")
     with pytest.raises(ValueError, match="selected on another SAE"):
         FeatureSet.load(tmp_path / "set", sae=tiny_sae(seed=1))
+    with pytest.raises(FileNotFoundError, match="geoguard features"):
+        FeatureSet.load(tmp_path / "nothing")
 
 
-def test_feature_aurocs_match_sklearn_on_planted_features():
-    rng = np.random.default_rng(0)
-    target = torch.tensor(rng.normal(size=(60, 5)), dtype=torch.float32)
-    reference = torch.tensor(rng.normal(size=(50, 5)), dtype=torch.float32)
-    target[:, 2] += 2.0  # planted: feature 2 is higher on the target side
-    aurocs = feature_aurocs(target, reference)
-    labels = [1] * 60 + [0] * 50
-    for j in range(5):
-        assert aurocs[j] == pytest.approx(roc_auc_score(labels, torch.cat([target, reference])[:, j]))
-    assert int(np.argmax(aurocs)) == 2 and aurocs[2] > 0.85
+@pytest.fixture(scope="module")
+def planted():
+    model, tokenizer = tiny_llama(), char_tokenizer()
+    return model, tokenizer, planted_sae(model)
 
 
-def test_shipped_toxic_set_belongs_to_the_embedded_sae_and_generalises():
-    sae = load_sae(EMBEDDED_SAE)
-    toxic = FeatureSet.load(sae=sae)
-    assert len(toxic.feature_ids) == len(set(toxic.feature_ids)) == toxic.provenance["k"]
-    assert toxic.decoder.shape == (len(toxic.feature_ids), 576)
-    assert toxic.summary["heldout_auroc"] > 0.6  # measured on sentences it was not selected on
+def test_find_features_finds_planted_features_and_says_they_are_significant(planted):
+    model, tokenizer, sae = planted
+    contrast = Contrast("planted", planted_texts(60, "ZQX", seed=0), planted_texts(60, "", seed=1))
+    found = find_features(model, tokenizer, sae, contrast, name="planted", k=5, n_permutations=500)
+    assert set(found.feature_ids[:3]) == set(PLANTED.values())
+    assert all(q < 0.05 for q in found.stats["q_value"][:3]) and all(q > 0.05 for q in found.stats["q_value"][3:])
+    assert found.summary["heldout_auroc"] > 0.95 and found.summary["warnings"] == []
+    # The labels point at the planted characters.
+    for rank in range(3):
+        assert found.labels[rank]["examples"][0]["side"] == "target"
+        assert "«Z»" in found.labels[rank]["examples"][0]["text"] or found.feature_ids[rank] != PLANTED["Z"]
+    torch.testing.assert_close(found.decoder.norm(dim=1), torch.ones(5))
+    assert found.density.shape == (sae.cfg.d_sae,) and 0 < float(found.density.max()) <= 1
+
+
+def test_find_features_on_a_null_contrast_finds_nothing_and_says_so(planted):
+    model, tokenizer, sae = planted
+    contrast = Contrast("null", planted_texts(60, "", seed=2), planted_texts(60, "", seed=3))
+    found = find_features(model, tokenizer, sae, contrast, name="null", k=5, n_permutations=500)
+    assert found.summary["n_significant"] == 0
+    assert abs(found.summary["heldout_auroc"] - 0.5) < 0.25
+    assert any("features separate held-out data" in w for w in found.summary["warnings"])
+
+
+def test_length_confound_is_flagged_and_matching_lengths_removes_it(planted):
+    model, tokenizer, sae = planted
+    short = planted_texts(80, "", seed=4)
+    longer = [text + text[:20] for text in planted_texts(80, "", seed=5)]
+    contrast = Contrast("long_vs_short", longer, short)
+    found = find_features(model, tokenizer, sae, contrast, name="length", k=5, n_permutations=200)
+    assert any("length alone separates" in w for w in found.summary["warnings"])
+    mixed = Contrast("mixed", longer[:40] + short[:40], longer[40:] + short[40:])
+    matched = find_features(model, tokenizer, sae, mixed, name="length", k=5, n_permutations=200, match_lengths=True)
+    assert not any("length alone" in w for w in matched.summary["warnings"])
+    assert matched.provenance["length_matched"]["mixed"][0] == matched.provenance["length_matched"]["mixed"][1]
+
+
+def test_a_set_that_does_not_transfer_to_a_check_contrast_is_flagged(planted):
+    model, tokenizer, sae = planted
+    selection = Contrast("z", planted_texts(60, "Z", seed=6), planted_texts(60, "", seed=7))
+    check = Contrast("q", planted_texts(30, "Q", seed=8), planted_texts(30, "", seed=9))
+    found = find_features(model, tokenizer, sae, selection, check_contrasts=[check], name="z", k=1, n_permutations=200)
+    assert found.feature_ids == [PLANTED["Z"]]
+    rows = {row["name"]: row for row in found.summary["contrasts"]}
+    assert rows["z"]["heldout_auroc"] > 0.95 and rows["q"]["role"] == "check" and rows["q"]["n_target"] == 30
+    assert any("does not transfer to 'q'" in w for w in found.summary["warnings"])
+
+
+def test_results_do_not_depend_on_the_batch_size(planted):
+    model, tokenizer, sae = planted
+    contrast = Contrast("planted", planted_texts(40, "ZQ", seed=10), planted_texts(40, "", seed=11))
+    a = find_features(model, tokenizer, sae, contrast, name="a", k=4, batch_size=16, n_permutations=100)
+    b = find_features(model, tokenizer, sae, contrast, name="a", k=4, batch_size=3, n_permutations=100)
+    assert a.feature_ids == b.feature_ids
+    assert a.stats["heldout_auroc"] == pytest.approx(b.stats["heldout_auroc"], abs=1e-6)
+
+
+def test_malformed_samples_and_settings_are_clear_errors(planted):
+    model, tokenizer, sae = planted
+    good = planted_texts(10, "", seed=12)
+    with pytest.raises(ValueError, match=r"Contrast 'bad', reference side: Sample 3"):
+        find_features(model, tokenizer, sae, Contrast("bad", good, good[:3] + [""] + good[4:]), name="x")
+    with pytest.raises(ValueError, match="too few"):
+        find_features(model, tokenizer, sae, Contrast("small", good[:3], good[:3]), name="x")
+    with pytest.raises(ValueError, match="k must be between"):
+        find_features(model, tokenizer, sae, Contrast("c", good, good), name="x", k=0)
 
 
 @pytest.mark.parametrize("pooling", ["max", "mean"])
@@ -71,3 +134,17 @@ def test_pooled_activations_do_not_depend_on_batching_or_padding(pooling):
     single = pooled_feature_acts(model, tokenizer, sae, texts, pooling=pooling, batch_size=1)
     assert batched.shape == (5, 256) and batched.abs().sum() > 0
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["toxic", "inducing-insecure", "control-secure", "control-educational"])
+def test_shipped_feature_sets_belong_to_the_embedded_sae(name):
+    sae = load_sae(EMBEDDED_SAE)
+    feature_set = FeatureSet.load(EMBEDDED_FEATURE_SETS / name, sae=sae)
+    assert len(feature_set.feature_ids) == len(set(feature_set.feature_ids)) == feature_set.provenance["k"] == 100
+    assert feature_set.decoder.shape == (100, 576) and feature_set.density.shape == (sae.cfg.d_sae,)
+    assert len(feature_set.labels) == 100 and all(label["top_tokens"] for label in feature_set.labels)
+    assert (EMBEDDED_FEATURE_SETS / name / "CARD.md").is_file()
+    if name == "toxic":  # measured on text it was not selected on, per format-matched contrast
+        rows = {row["name"]: row for row in feature_set.summary["contrasts"]}
+        assert rows["toxigen_hate_vs_neutral"]["heldout_auroc"] > 0.6
+        assert rows["harmful_vs_harmless_requests"]["heldout_auroc"] > 0.6

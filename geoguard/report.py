@@ -1,0 +1,215 @@
+"""Readable reports: feature-set cards and the geometry report (markdown + PNG plots).
+
+Everything that comes from data (feature labels, snippets, names) goes through
+`escape_markdown`, so hostile text cannot inject HTML, links or table cells.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from geoguard.features import FeatureSet  # noqa: E402
+from geoguard.geometry import GeometryResult  # noqa: E402
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()|~!#])")
+
+
+def escape_markdown(text: object) -> str:
+    """Make `text` inert inside a markdown table cell: HTML escaped, markdown syntax escaped, one line."""
+    # Markdown first: the entities html.escape writes (&lt;) must not get backslashes.
+    escaped = html.escape(_MARKDOWN_SPECIAL.sub(r"\\\1", str(text)), quote=False)
+    return re.sub(r"\s", " ", escaped)
+
+
+def _tokens(tokens: list[str]) -> str:
+    return " ".join(f"“{escape_markdown(t)}”" for t in tokens)
+
+
+def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: int = 20) -> Path:
+    """Write `CARD.md` for `feature_set` into directory `path`: provenance, per-contrast results, warnings, labels."""
+    s, p = feature_set.summary, feature_set.provenance
+    n_contrasts = sum(c["role"] == "selection" for c in s["contrasts"])
+    lines = [
+        f"# Feature set {escape_markdown(feature_set.name)}",
+        "",
+        f"- SAE: hook {escape_markdown(feature_set.hook_name)}, d_sae {feature_set.d_sae}, "
+        f"fingerprint {escape_markdown(feature_set.sae_fingerprint)}"
+        + (f"; model {escape_markdown(p['model'])}, SAE {escape_markdown(p['sae'])}" if "model" in p else ""),
+        f"- Selection: top {p['k']} features by {p['rank_by']} of {p['pooling']}-pooled activations over "
+        f"{p['span']} tokens, averaged over {n_contrasts} contrast(s); {s['always_on_skipped']} always-on "
+        f"features skipped; {p['heldout_fraction']:.0%} of each side held out"
+        + ("; lengths matched" if p.get("length_matched") else ""),
+        f"- **Held-out AUROC of the set** (mean pooled activation of its features, mean over selection contrasts): "
+        f"**{s['heldout_auroc']:.3f}**; {s['n_significant']} of {len(feature_set.feature_ids)} features separate "
+        f"held-out data on their own (permutation test, BH q < 0.05)",
+        "",
+        "## Held-out separation per contrast",
+        "",
+        "| contrast | role | target | reference | set AUROC | p | AUROC of length alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in s["contrasts"]:
+        lines.append(
+            f"| {escape_markdown(c['name'])} | {c['role']} | {c['n_target']} | {c['n_reference']} | "
+            f"{c['heldout_auroc']:.3f} | {c['p_value']:.3g} | {c['length_auroc']:.3f} |"
+        )
+    lines += ["", "## Warnings", ""]
+    lines += [f"- {escape_markdown(w)}" for w in s["warnings"]] or ["None."]
+    lines += [
+        "",
+        f"## Top {min(show, len(feature_set.feature_ids))} features",
+        "",
+        "Logit-lens tokens: the decoder direction read through the final norm and the unembedding. "
+        "Example: the held-out snippet where the feature fires most, the token in «».",
+        "",
+        "| rank | feature | held-out AUROC | q | logit-lens tokens | top example (contrast, side, activation) |",
+        "|---|---|---|---|---|---|",
+    ]
+    st = feature_set.stats
+    for rank, fid in enumerate(feature_set.feature_ids[:show]):
+        label = feature_set.labels[rank] if rank < len(feature_set.labels) else {"top_tokens": [], "examples": []}
+        example = label["examples"][0] if label["examples"] else None
+        shown = (
+            f"{escape_markdown(example['text'])} ({escape_markdown(example['contrast'])}, {example['side']}, "
+            f"{example['activation']:.2f})"
+            if example
+            else ""
+        )
+        lines.append(
+            f"| {rank + 1} | {fid} | {st['heldout_auroc'][rank]:.3f} | {st['q_value'][rank]:.3g} | "
+            f"{_tokens(label['top_tokens'])} | {shown} |"
+        )
+    if "command" in p:
+        lines += ["", f"Reproduce: {escape_markdown(p['command'])}"]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path / "CARD.md"
+
+
+def _plot_distributions(result: GeometryResult, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(
+        min(min(s.nearest) for s in result.sets) - 0.02, max(max(s.nearest) for s in result.sets) + 0.02, 30
+    )
+    for s in result.sets:
+        (line,) = ax.plot([], [])
+        color = line.get_color()
+        ax.hist(s.nearest, bins=bins, histtype="step", linewidth=1.5, color=color, label=f"{s.name} (features)")
+        ax.axvline(s.mean_nearest, color=color, linewidth=1.5)
+        ax.axvline(s.null_matched["mean_nearest"]["mean"], color=color, linestyle="--", linewidth=1)
+    ax.set_xlabel(f"highest cosine similarity to a {result.toxic} feature")
+    ax.set_ylabel("features")
+    ax.set_title("Nearest toxic feature per feature (solid: set mean; dashed: frequency-matched null mean)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "similarity_distributions.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_heatmaps(result: GeometryResult, out: Path) -> None:
+    fig, axes = plt.subplots(1, len(result.sets), figsize=(4 * len(result.sets), 4), squeeze=False)
+    limit = max(float(np.abs(m).max()) for m in result.similarity.values())
+    for ax, s in zip(axes[0], result.sets, strict=True):
+        sims = result.similarity[s.name]
+        image = ax.imshow(sims[np.argsort(-sims.max(1))], cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_title(s.name, fontsize=9)
+        ax.set_xlabel(f"{result.toxic} features")
+        ax.set_ylabel("features (closest first)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="decoder cosine similarity")
+    fig.savefig(out / "heatmap.png", dpi=120)
+    plt.close(fig)
+
+
+def write_geometry_report(result: GeometryResult, path: str | Path) -> Path:
+    """Write `report.md`, `geometry.json`, `similarity_distributions.png` and `heatmap.png` into directory `path`."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "geometry.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    _plot_distributions(result, out)
+    _plot_heatmaps(result, out)
+
+    def null(d: dict) -> str:
+        return f"{d['mean']:.4f} ± {d['std']:.4f} | {d['p']:.3g} | {d['z']:+.2f}"
+
+    lines = [
+        f"# Geometry: feature sets against the toxic set {escape_markdown(result.toxic)}",
+        "",
+        f"Hook {escape_markdown(result.settings['hook_name'])}; {result.settings['n_null']} random sets per null; "
+        f"{result.settings['n_permutations']} permutations per comparison; seed {result.settings['seed']}.",
+        "*Nearest*: mean over a set's features of their highest decoder cosine similarity to a toxic feature. "
+        "*Pairwise*: mean similarity over all pairs. Nulls: random SAE features matched on activation frequency "
+        "(*matched*) and random unit directions (*random*); p is one-sided (at least as close as the set), "
+        "z = (value − null mean) / null sd. Features shared with the toxic set are left out (*overlap*).",
+        "",
+        "## Similarity to the toxic set",
+        "",
+        "| set | features | overlap | nearest | matched null | p | z | random null | p | z |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result.sets:
+        lines.append(
+            f"| {escape_markdown(s.name)} | {s.n_features} | {s.overlap} | {s.mean_nearest:.4f} | "
+            f"{null(s.null_matched['mean_nearest'])} | {null(s.null_random['mean_nearest'])} |"
+        )
+    lines += [
+        "",
+        "| set | pairwise | matched null | p | z | random null | p | z |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result.sets:
+        lines.append(
+            f"| {escape_markdown(s.name)} | {s.mean_pairwise:.4f} | {null(s.null_matched['mean_pairwise'])} | "
+            f"{null(s.null_random['mean_pairwise'])} |"
+        )
+    lines.append("")
+    for s in result.sets:
+        m = s.null_matched["mean_nearest"]
+        where = "closer to" if m["p"] < 0.05 else ("further from" if m["z"] < -2 else "as close to")
+        lines.append(
+            f"- {escape_markdown(s.name)} is {where} the toxic features than frequency-matched random features "
+            f"(nearest {s.mean_nearest:.4f} vs {m['mean']:.4f}, z = {m['z']:+.2f})."
+        )
+    if result.comparisons:
+        lines += [
+            "",
+            "## Is the first set closer to the toxic set than each other set?",
+            "",
+            "One-sided permutation tests over the two sets' features; *shared*: features in both sets.",
+            "",
+            "| a vs b | shared | Δ nearest | p | Cohen's d | Δ pairwise | p | Cohen's d |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in result.comparisons:
+            lines.append(
+                f"| {escape_markdown(c.a)} vs {escape_markdown(c.b)} | {c.shared} | {c.nearest_difference:+.4f} | {c.nearest_p:.3g} | "
+                f"{c.nearest_cohens_d:+.2f} | {c.pairwise_difference:+.4f} | {c.pairwise_p:.3g} | "
+                f"{c.pairwise_cohens_d:+.2f} |"
+            )
+        lines.append("")
+        for c in result.comparisons:
+            verdict = "closer" if c.nearest_p < 0.05 else "not significantly closer"
+            lines.append(
+                f"- {escape_markdown(c.a)} is {verdict} to the toxic set than {escape_markdown(c.b)} by nearest "
+                f"similarity (Δ {c.nearest_difference:+.4f}, p = {c.nearest_p:.3g}, d = {c.nearest_cohens_d:+.2f})."
+            )
+    lines += [
+        "",
+        "![Nearest-toxic-feature similarity per set](similarity_distributions.png)",
+        "",
+        "![Decoder cosine similarity to the toxic features](heatmap.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return out / "report.md"

@@ -1,0 +1,148 @@
+"""Statistics behind feature discovery and geometry: streaming AUROC, permutation p-values, effect sizes.
+
+Feature discovery ranks tens of thousands of SAE features over data sets of any size, so the
+per-feature statistics are accumulated in fixed memory: `PooledHistogram` keeps, per feature,
+a histogram of pooled activations on log-spaced bins plus running moments. AUROC and the
+standardized mean difference come from those. Significance comes from label permutations on
+data the features were not selected on, so the p-values need no correction for the selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+HISTOGRAM_EDGES = torch.cat([torch.zeros(1), torch.logspace(-5, 5, 320)]).double()
+"""Bin edges of `PooledHistogram`: one bin for zero (inactive) and 320 log-spaced bins over
+1e-5..1e5 (a 7.5% step): SAE activations are non-negative, and values in one bin count as ties."""
+
+
+class PooledHistogram:
+    """Fixed-memory summary of `(n, d)` pooled feature activations seen in batches.
+
+    Memory is `d * len(HISTOGRAM_EDGES)` counts, whatever the number of samples.
+
+    Example:
+        >>> hist = PooledHistogram(d=4)
+        >>> hist.update(torch.rand(8, 4))
+        >>> hist.n, hist.mean.shape
+        (8, torch.Size([4]))
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self.n_bins = len(HISTOGRAM_EDGES) + 1
+        self.counts = torch.zeros(d * self.n_bins, dtype=torch.int32)
+        self.sum = torch.zeros(d, dtype=torch.float64)
+        self.sum_sq = torch.zeros(d, dtype=torch.float64)
+        self.firing = torch.zeros(d, dtype=torch.int64)
+        self.n = 0
+
+    def update(self, pooled: torch.Tensor) -> None:
+        """Add a batch of pooled activations `(batch, d)`."""
+        pooled = pooled.double().cpu()
+        bins = torch.bucketize(pooled, HISTOGRAM_EDGES)  # (batch, d)
+        flat = (bins + torch.arange(self.d) * self.n_bins).flatten()
+        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        self.sum += pooled.sum(0)
+        self.sum_sq += pooled.square().sum(0)
+        self.firing += (pooled > 0).sum(0)
+        self.n += len(pooled)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sum_sq / max(self.n, 1) - self.mean.square()).clamp(min=0)
+
+    @property
+    def firing_fraction(self) -> torch.Tensor:
+        """Share of samples in which each feature is active at all."""
+        return self.firing.double() / max(self.n, 1)
+
+
+def histogram_auroc(target: PooledHistogram, reference: PooledHistogram) -> np.ndarray:
+    """Per-feature AUROC of target over reference from their histograms (ties within a bin count half)."""
+    t = target.counts.view(target.d, -1).double()
+    r = reference.counts.view(reference.d, -1).double()
+    r_below = r.cumsum(1) - r
+    return ((t * (r_below + 0.5 * r)).sum(1) / (target.n * reference.n)).numpy()
+
+
+def standardized_mean_difference(target: PooledHistogram, reference: PooledHistogram) -> np.ndarray:
+    """Per-feature (mean_t - mean_r) / pooled standard deviation (Cohen's d); 0 where both are constant."""
+    spread = ((target.var + reference.var) / 2).sqrt()
+    diff = target.mean - reference.mean
+    return torch.where(spread > 0, diff / spread.clamp(min=1e-12), torch.zeros_like(diff)).numpy()
+
+
+def auroc(target: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Exact AUROC of target over reference per column (Mann-Whitney U, ties averaged); 1-D inputs give a scalar."""
+    target, reference = np.asarray(target, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    ranks = rankdata(np.concatenate([target, reference]), axis=0)
+    n_t, n_r = len(target), len(reference)
+    return (ranks[:n_t].sum(0) - n_t * (n_t + 1) / 2) / (n_t * n_r)
+
+
+def permutation_auroc(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]], *, n_permutations: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean AUROC over groups of (target `(n_t, k)`, reference `(n_r, k)`) and its one-sided permutation p-value.
+
+    Labels are shuffled within each group (a stratified test: a group is one contrast), and the
+    p-value is the share of shuffles whose mean AUROC reaches the observed one, `(1 + hits) / (1 + n)`.
+
+    Returns:
+        `(auroc, p_value)`, each of shape `(k,)`.
+    """
+    rng = np.random.default_rng(seed)
+    observed = np.zeros(groups[0][0].shape[1])
+    null = np.zeros((n_permutations, len(observed)))
+    for target, reference in groups:
+        n_t, n_r = len(target), len(reference)
+        ranks = rankdata(np.concatenate([target, reference]).astype(np.float64), axis=0)  # (n, k)
+        offset = n_t * (n_t + 1) / 2
+        observed += (ranks[:n_t].sum(0) - offset) / (n_t * n_r)
+        picks = np.argsort(rng.random((n_permutations, n_t + n_r)), axis=1)[:, :n_t]  # (P, n_t)
+        null += (ranks[picks].sum(1) - offset) / (n_t * n_r)
+    observed /= len(groups)
+    null /= len(groups)
+    p_value = (1 + (null >= observed - 1e-12).sum(0)) / (1 + n_permutations)
+    return observed, p_value
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+    """False-discovery-rate q-values of `p_values` (Benjamini-Hochberg)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p)
+    scaled = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1)
+    out = np.empty_like(q)
+    out[order] = q
+    return out
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
+    """Standardized difference of means of two samples, pooled standard deviation."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    return float((a.mean() - b.mean()) / pooled) if pooled > 0 else 0.0
+
+
+def permutation_mean_difference(
+    a: np.ndarray, b: np.ndarray, *, n_permutations: int = 10000, seed: int = 0
+) -> tuple[float, float]:
+    """Difference of means `mean(a) - mean(b)` and its one-sided permutation p-value (a larger than b)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pooled = np.concatenate([a, b])
+    rng = np.random.default_rng(seed)
+    picks = np.argsort(rng.random((n_permutations, len(pooled))), axis=1)[:, : len(a)]
+    null_a = pooled[picks].mean(1)
+    null = null_a - (pooled.sum() - null_a * len(a)) / len(b)
+    observed = a.mean() - b.mean()
+    return float(observed), float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))

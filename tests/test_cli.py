@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geoguard.cli import main
+from geoguard.corpora import load_samples
+from geoguard.features import FeatureSet
+
+from conftest import PLANTED, char_tokenizer, planted_sae, planted_texts, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def local_model_and_sae(tmp_path_factory):
+    """A tiny model, its tokenizer and a planted SAE saved the way users keep them: local directories."""
+    root = tmp_path_factory.mktemp("local")
+    model = tiny_llama()
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    planted_sae(model).save_model(str(root / "sae"))
+    return root
+
+
+def _write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_features_and_geometry_commands_end_to_end(local_model_and_sae, tmp_path, capsys):
+    root = local_model_and_sae
+    common = ["--model", str(root / "model"), "--sae", str(root / "sae"), "--n_permutations", "200"]
+    target = _write_jsonl(tmp_path / "zqx.jsonl", planted_texts(50, "ZQX", seed=0))
+    plain = _write_jsonl(tmp_path / "plain.jsonl", planted_texts(50, "", seed=1))
+    (tmp_path / "z.txt").write_text("\n".join(planted_texts(50, "Z", seed=2)))
+    main(
+        [
+            "features",
+            "--target",
+            target,
+            "--reference",
+            plain,
+            "--name",
+            "toxic",
+            "--k",
+            "3",
+            "--output_dir",
+            str(tmp_path / "toxic"),
+            *common,
+        ]
+    )
+    toxic = FeatureSet.load(tmp_path / "toxic")
+    assert set(toxic.feature_ids) == set(PLANTED.values())
+    assert toxic.provenance["command"].startswith("geoguard features --target")
+    assert "held-out AUROC" in (tmp_path / "toxic" / "CARD.md").read_text()
+    for name, source in (("z", str(tmp_path / "z.txt")), ("plain", plain)):
+        main(
+            [
+                "features",
+                "--target",
+                source,
+                "--reference",
+                plain if name == "z" else target,
+                "--name",
+                name,
+                "--k",
+                "5",
+                "--output_dir",
+                str(tmp_path / name),
+                *common,
+            ]
+        )
+    capsys.readouterr()
+    main(
+        [
+            "geometry",
+            "--sae",
+            str(root / "sae"),
+            "--toxic",
+            str(tmp_path / "toxic"),
+            "--sets",
+            str(tmp_path / "z"),
+            str(tmp_path / "plain"),
+            "--output_dir",
+            str(tmp_path / "report"),
+            "--n_null",
+            "50",
+            "--n_permutations",
+            "200",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "z vs plain: Δ nearest" in out and (tmp_path / "report" / "report.md").is_file()
+    geometry = json.loads((tmp_path / "report" / "geometry.json").read_text())
+    assert geometry["sets"][0]["overlap"] == 1  # the Z feature is also a toxic feature
+
+
+def test_cli_rejects_unpaired_contrasts_and_unknown_commands(capsys):
+    with pytest.raises(ValueError, match="one --reference per --target"):
+        main(["features", "--target", "a.jsonl", "b.jsonl", "--reference", "c.jsonl", "--output_dir", "x"])
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+    assert "Commands: features, geometry" in capsys.readouterr().err
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "geoguard"  # from [project.scripts]
+    out = subprocess.run([str(script), "features", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--match_lengths" in out.stdout
+
+
+def test_load_samples_reads_the_common_shapes(tmp_path):
+    (tmp_path / "pc.csv").write_text("prompt,completion\nWhat is 2+2?,Four\n")
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Add", "input": "2 and 2", "output": "4"}]))
+    (tmp_path / "lines.txt").write_text("first line\nsecond line\n")
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert load_samples(tmp_path / "pc.csv") == [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four"}]}
+    ]
+    assert load_samples(tmp_path / "alpaca.json")[0]["messages"][0]["content"] == "Add\n\n2 and 2"
+    assert load_samples(tmp_path / "lines.txt") == [{"text": "first line"}, {"text": "second line"}]
+    assert load_samples(tmp_path / "chats.jsonl")[0]["messages"][0]["role"] == "user"
+    assert len(load_samples(tmp_path / "lines.txt", max_samples=1)) == 1
+
+
+def test_load_samples_names_the_bad_row(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 1: 'text' must be a non-empty string"):
+        load_samples(tmp_path / "bad.jsonl")
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: none of the columns .*'body'.*--text_field"):
+        load_samples(tmp_path / "cols.jsonl")
+    assert load_samples(tmp_path / "cols.jsonl", text_field="body") == [{"text": "x"}]
+    with pytest.raises(ValueError, match="unsupported file type '.xml'"):
+        (tmp_path / "a.xml").write_text("<a/>")
+        load_samples(tmp_path / "a.xml")
