@@ -262,6 +262,54 @@ class _TopExamples:
         self.values, top = values.topk(self.values.shape[1], dim=1)
         self.refs = torch.cat([self.refs, refs], dim=1).gather(1, top.unsqueeze(-1).expand(-1, -1, 3))
 
+    def examples(self, feature: int, groups: list[_Group], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+        """The feature's top snippets: 12 tokens before the top token, the token in «», 3 after."""
+        out = []
+        for value, (group_index, row, pos) in zip(
+            self.values[feature].tolist(), self.refs[feature].tolist(), strict=True
+        ):
+            if group_index < 0 or value <= 0:
+                continue
+            group = groups[group_index]
+            ids = group.tokenized[row].input_ids
+            before, token, after = ids[max(0, pos - 12) : pos], ids[pos : pos + 1], ids[pos + 1 : pos + 4]
+            text = f"{tokenizer.decode(before)}«{tokenizer.decode(token)}»{tokenizer.decode(after)}"
+            out.append({"text": text, "activation": value, "contrast": group.contrast, "side": group.side})
+        return out
+
+
+def _contrast_row(name: str, role: str, target, reference, *, n_permutations: int, seed: int) -> dict:
+    """Held-out separation of one contrast by the set's score (mean pooled activation of its features) and by length."""
+    (t_acts, t_len), (r_acts, r_len) = target, reference
+    set_auroc, set_p = permutation_auroc(
+        [(t_acts.mean(1, keepdims=True), r_acts.mean(1, keepdims=True))], n_permutations=n_permutations, seed=seed
+    )
+    return {
+        "name": name,
+        "role": role,
+        "n_target": len(t_acts),
+        "n_reference": len(r_acts),
+        "heldout_auroc": float(set_auroc[0]),
+        "p_value": float(set_p[0]),
+        "length_auroc": float(auroc(t_len, r_len)),
+    }
+
+
+def _contrast_warnings(row: dict, flag_below: float) -> list[str]:
+    warnings = []
+    if row["heldout_auroc"] < flag_below:
+        what = "does not transfer to" if row["role"] == "check" else "barely separates"
+        warnings.append(
+            f"The set {what} {row['name']!r} (held-out AUROC {row['heldout_auroc']:.2f}): it may detect another "
+            "contrast's format or source rather than the concept."
+        )
+    if abs(row["length_auroc"] - 0.5) > 0.2:
+        warnings.append(
+            f"In {row['name']!r}, length alone separates the sides (held-out AUROC {row['length_auroc']:.2f}): "
+            "features may track length or format. Use a format-matched contrast or match_lengths=True."
+        )
+    return warnings
+
 
 def _split(name: str, side: str, samples: list[int], heldout_fraction: float, rng: random.Random):
     rows = samples[:]
@@ -368,6 +416,9 @@ def find_features(
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
     if k < 1 or k > sae.cfg.d_sae:
         raise ValueError(f"k must be between 1 and the SAE width {sae.cfg.d_sae}, got {k}.")
+    names = [c.name for c in [*contrasts, *check_contrasts]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Contrast names must be unique, got {names}.")
     check_sae_fits(sae, model)
     hook_name = sae_hook_name(sae)
     rng = random.Random(seed)
@@ -454,32 +505,16 @@ def find_features(
     rows, warnings = [], []
     for role, items in (("selection", contrasts), ("check", check_contrasts)):
         for contrast in items:
-            (t_acts, t_len), (r_acts, r_len) = heldout[(contrast.name, "target")], heldout[(contrast.name, "reference")]
-            t_score, r_score = t_acts.mean(1, keepdims=True), r_acts.mean(1, keepdims=True)
-            set_auroc, set_p = permutation_auroc([(t_score, r_score)], n_permutations=n_permutations, seed=seed)
-            length_auroc = float(auroc(t_len, r_len))
-            rows.append(
-                {
-                    "name": contrast.name,
-                    "role": role,
-                    "n_target": len(t_acts),
-                    "n_reference": len(r_acts),
-                    "heldout_auroc": float(set_auroc[0]),
-                    "p_value": float(set_p[0]),
-                    "length_auroc": length_auroc,
-                }
+            row = _contrast_row(
+                contrast.name,
+                role,
+                heldout[(contrast.name, "target")],
+                heldout[(contrast.name, "reference")],
+                n_permutations=n_permutations,
+                seed=seed,
             )
-            if set_auroc[0] < flag_below:
-                what = "does not transfer to" if role == "check" else "barely separates"
-                warnings.append(
-                    f"The set {what} {contrast.name!r} (held-out AUROC {set_auroc[0]:.2f}): it may detect another "
-                    "contrast's format or source rather than the concept."
-                )
-            if abs(length_auroc - 0.5) > 0.2:
-                warnings.append(
-                    f"In {contrast.name!r}, length alone separates the sides (held-out AUROC {length_auroc:.2f}): "
-                    "features may track length or format. Use a format-matched contrast or match_lengths=True."
-                )
+            rows.append(row)
+            warnings += _contrast_warnings(row, flag_below)
     n_significant = int((q_value < 0.05).sum())
     if n_significant < len(ids) / 2:
         warnings.append(f"Only {n_significant} of {len(ids)} features separate held-out data (BH q < 0.05).")
@@ -488,23 +523,7 @@ def find_features(
 
     decoder = sae.W_dec[ids].detach().float().cpu()
     tokens = logit_lens_tokens(model, tokenizer, decoder)
-    labels = []
-    for f in range(len(ids)):
-        examples = []
-        for value, (gi, row, pos) in zip(top.values[f].tolist(), top.refs[f].tolist(), strict=True):
-            if gi < 0 or value <= 0:
-                continue
-            group = groups[gi]
-            ids_ = group.tokenized[row].input_ids
-            text = (
-                tokenizer.decode(ids_[max(0, pos - 12) : pos])
-                + "«"
-                + tokenizer.decode(ids_[pos : pos + 1])
-                + "»"
-                + tokenizer.decode(ids_[pos + 1 : pos + 4])
-            )
-            examples.append({"text": text, "activation": value, "contrast": group.contrast, "side": group.side})
-        labels.append({"top_tokens": tokens[f], "examples": examples})
+    labels = [{"top_tokens": tokens[f], "examples": top.examples(f, groups, tokenizer)} for f in range(len(ids))]
 
     return FeatureSet(
         name=name,

@@ -126,7 +126,7 @@ def _plot_heatmaps(result: GeometryResult, out: Path) -> None:
         image = ax.imshow(sims[np.argsort(-sims.max(1))], cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_title(s.name, fontsize=9)
         ax.set_xlabel(f"{result.toxic} features")
-        ax.set_ylabel("features (closest first)")
+    axes[0][0].set_ylabel("set features (closest first)")
     fig.colorbar(image, ax=axes[0].tolist(), label="decoder cosine similarity")
     fig.savefig(out / "heatmap.png", dpi=120)
     plt.close(fig)

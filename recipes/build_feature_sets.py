@@ -13,12 +13,11 @@ Writes into `geoguard/resources/feature_sets/` (or `--output_dir`):
   the educational control differs from insecure only in the user's framing.
 - `geometry/`: `report.md`, `geometry.json` and plots: is the inducing set closer to the toxic set
   than the controls?
-- `differential/` and `geometry-differential/`: the sharper version of the same question. The sets
-  above share their code features (each is code against prose); here insecure is contrasted with
-  secure code directly (`insecure-vs-secure`) and the other way round (`secure-vs-insecure`),
-  so each set holds only what tells the two apart.
 
-Each set gets a `CARD.md`. Takes about 10 minutes on a 2-core CPU.
+The sharper, differential version of the geometry question (insecure vs secure code directly)
+runs through the CLI; the README gives the commands.
+
+Each set gets a `CARD.md`. Takes about 15 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -98,14 +97,13 @@ def main(args: BuildFeatureSetsArguments) -> None:
 
     em = root / "emergent_misalignment"
     reference = rng.sample(load_alpaca(root / "benign" / "alpaca_en_demo.json"), args.n_samples)
-    samples = {}
     for name, stem in (
         ("inducing-insecure", "insecure"),
         ("control-secure", "secure"),
         ("control-educational", "educational_insecure"),
     ):
-        samples[stem] = rng.sample(load_chats(em / f"{stem}.jsonl"), args.n_samples)
-        contrast = Contrast(f"{stem}_vs_alpaca", samples[stem], reference)
+        target = rng.sample(load_chats(em / f"{stem}.jsonl"), args.n_samples)
+        contrast = Contrast(f"{stem}_vs_alpaca", target, reference)
         sets.append(find_features(model, tokenizer, sae, contrast, name=name, **common))
 
     for feature_set in sets:

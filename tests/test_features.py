@@ -122,6 +122,10 @@ def test_malformed_samples_and_settings_are_clear_errors(planted):
         find_features(model, tokenizer, sae, Contrast("bad", good, good[:3] + [""] + good[4:]), name="x")
     with pytest.raises(ValueError, match="too few"):
         find_features(model, tokenizer, sae, Contrast("small", good[:3], good[:3]), name="x")
+    with pytest.raises(ValueError, match="Contrast names must be unique"):
+        find_features(
+            model, tokenizer, sae, [Contrast("c", good, good)], check_contrasts=[Contrast("c", good, good)], name="x"
+        )
     with pytest.raises(ValueError, match="k must be between"):
         find_features(model, tokenizer, sae, Contrast("c", good, good), name="x", k=0)
 

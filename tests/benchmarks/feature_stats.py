@@ -2,7 +2,8 @@
 
     python tests/benchmarks/feature_stats.py --output_json outputs/bench_feature_stats.json
 
-Runs `find_features` on jailbroken vs Alpaca chats at several data sizes, each in a fresh
+Runs `find_features` on jailbroken vs Alpaca chats at several data sizes (100 samples per side
+cycled up to the size, so the batches have the same shapes at every size), each in a fresh
 process (so peak memory is its own), and in the same process times the early-exit forward pass
 alone over the same samples: the ratio says what the SAE and the statistics add. Memory is
 reported as peak RSS above the RSS after loading the model and SAE; it must not grow with the
@@ -35,8 +36,10 @@ def run_one(n: int, data_dir: str | None, batch_size: int) -> dict:
     model, tokenizer = load_model()
     sae = load_sae()
     root = data_root(data_dir)
-    target = load_chats(root / "emergent_misalignment" / "jailbroken.jsonl")[:n]
-    reference = load_alpaca(root / "benign" / "alpaca_en_demo.json")[:n]
+    # The same 100 samples per side, cycled up to n: every size runs batches of the same shapes, so any
+    # growth of peak memory with n comes from the data size itself.
+    target = (load_chats(root / "emergent_misalignment" / "jailbroken.jsonl")[:100] * n)[:n]
+    reference = (load_alpaca(root / "benign" / "alpaca_en_demo.json")[:100] * n)[:n]
     n_tokens = sum(len(t.input_ids) for t in tokenize_samples(tokenizer, target + reference))
     base_rss = _rss_mb()
 
