@@ -154,7 +154,8 @@ def run_features(args: FeaturesArguments, command: str = "") -> FeatureSet:
 
 
 def run_geometry(args: GeometryArguments, command: str = "") -> Path:
-    """`geoguard geometry`: compare feature sets with the toxic set and write the report."""
+    """`geoguard geometry`: compare feature sets with the toxic set and write the report (`command` is unused;
+    every subcommand takes it)."""
     sae = load_sae(args.sae, args.sae_id)
     toxic = FeatureSet.load(args.toxic, sae=sae)
     sets = [FeatureSet.load(path, sae=sae) for path in args.sets]
