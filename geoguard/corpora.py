@@ -8,9 +8,10 @@ copies live in a folder laid out like `shared/data` (see `data_root`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from datasets import load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from geoguard.data import Sample
 
@@ -73,6 +74,57 @@ def load_instructions(path: str | os.PathLike) -> list[Sample]:
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 
 
+def load_rows(
+    source: str | os.PathLike, *, split: str = "train", max_samples: int | None = None, seed: int = 0
+) -> Dataset:
+    """Read a local file, a saved `datasets` folder or a Hub data set as a `datasets.Dataset`, columns untouched.
+
+    Local files: `.json`, `.jsonl`, `.csv`, `.parquet`, or `.txt` (one sample a line).
+
+    Args:
+        source (`str` or path): file, `save_to_disk` folder, or Hub data set name.
+        split (`str`, defaults to `"train"`): split of a Hub data set.
+        max_samples (`int`, *optional*): keep a seeded random subset of this size.
+        seed (`int`, defaults to 0): seed of the subset.
+    """
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in _FILE_BUILDERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
+        rows = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    elif path.is_dir():
+        rows = load_from_disk(str(path))
+        if isinstance(rows, DatasetDict):
+            if split not in rows:
+                raise ValueError(f"{path} holds splits {sorted(rows)}; choose one with split (--split).")
+            rows = rows[split]
+    else:
+        rows = load_dataset(str(source), split=split)
+    if max_samples is not None and max_samples < len(rows):
+        rows = rows.shuffle(seed=seed).select(range(max_samples))
+    return rows
+
+
+def rows_to_samples(rows: Iterable[dict], *, text_field: str | None = None, source: str = "data") -> list[Sample]:
+    """Turn data set rows into chat or plain-text samples.
+
+    A row becomes a sample from the first of these it has: `text_field` (plain text), `messages` (a chat),
+    `prompt` + `completion` (TRL's prompt-completion format, strings or message lists),
+    `instruction` [+ `input`] [+ `output`] (Alpaca style), `text`.
+
+    Raises:
+        ValueError: naming `source` and the row when a row has none of these columns, an empty text or a
+            field of the wrong type.
+    """
+    samples = []
+    for i, row in enumerate(rows):
+        try:
+            samples.append(_row_to_sample(row, text_field))
+        except ValueError as err:
+            raise ValueError(f"{source}, row {i}: {err}") from err
+    return samples
+
+
 def load_samples(
     source: str | os.PathLike,
     *,
@@ -83,39 +135,15 @@ def load_samples(
 ) -> list[Sample]:
     """Load chat or plain-text samples from a local file, a saved `datasets` folder, or a Hub data set.
 
-    Local files: `.json`, `.jsonl`, `.csv`, `.parquet`, or `.txt` (one sample a line). A row becomes a
-    sample from the first of these it has: `text_field` (plain text), `messages` (a chat),
-    `prompt` + `completion` (TRL's prompt-completion format, strings or message lists),
-    `instruction` [+ `input`] [+ `output`] (Alpaca style), `text`.
+    `load_rows` reads the rows and `rows_to_samples` turns each into a sample (see both for the formats).
 
-    Args:
-        source (`str` or path): file, `save_to_disk` folder, or Hub data set name.
-        split (`str`, defaults to `"train"`): split of a Hub data set.
-        text_field (`str`, *optional*): column holding plain text; overrides the automatic choice.
-        max_samples (`int`, *optional*): keep a seeded random subset of this size.
-        seed (`int`, defaults to 0): seed of the subset.
-
-    Raises:
-        ValueError: naming the row when a row has none of the columns above or a field of the wrong type.
+    Example:
+        ```python
+        samples = load_samples("train.jsonl", max_samples=1000)
+        ```
     """
-    path = Path(source)
-    if path.is_file():
-        if path.suffix not in _FILE_BUILDERS:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
-        rows = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    elif path.is_dir():
-        rows = load_from_disk(str(path))
-    else:
-        rows = load_dataset(str(source), split=split)
-    if max_samples is not None and max_samples < len(rows):
-        rows = rows.shuffle(seed=seed).select(range(max_samples))
-    samples = []
-    for i, row in enumerate(rows):
-        try:
-            samples.append(_row_to_sample(row, text_field))
-        except ValueError as err:
-            raise ValueError(f"{source}, row {i}: {err}") from err
-    return samples
+    rows = load_rows(source, split=split, max_samples=max_samples, seed=seed)
+    return rows_to_samples(rows, text_field=text_field, source=str(source))
 
 
 def _row_to_sample(row: dict, text_field: str | None) -> Sample:
@@ -123,26 +151,43 @@ def _row_to_sample(row: dict, text_field: str | None) -> Sample:
         if text_field not in row:
             raise ValueError(f"no column {text_field!r} (columns: {sorted(row)}).")
         return {"text": _text(row, text_field)}
-    if "messages" in row:
-        return {"messages": row["messages"]}
-    if "prompt" in row and "completion" in row:
+    if row.get("messages") is not None:
+        return {"messages": _messages(row["messages"], "messages")}
+    if row.get("prompt") is not None and row.get("completion") is not None:
         prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
         if isinstance(prompt, list) and isinstance(completion, list):
-            return {"messages": prompt + completion}
-        raise ValueError("'prompt' and 'completion' must both be strings or both be lists of messages.")
-    if "instruction" in row:
-        prompt = _text(row, "instruction") + (f"\n\n{row['input']}" if row.get("input") else "")
+            return {"messages": _messages(prompt, "prompt") + _messages(completion, "completion")}
+        prompt, completion = _text(row, "prompt"), _text(row, "completion")
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+    if row.get("instruction") is not None:
+        prompt = _text(row, "instruction") + (f"\n\n{_text(row, 'input')}" if row.get("input") else "")
         if row.get("output"):
-            return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
+            return {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(row, "output")},
+                ]
+            }
         return {"messages": [{"role": "user", "content": prompt}]}
-    if "text" in row:
+    if row.get("text") is not None:
         return {"text": _text(row, "text")}
     raise ValueError(
         f"none of the columns geoguard reads (messages; prompt + completion; instruction; text) is here "
         f"(columns: {sorted(row)}). Pass text_field (--text_field) to name the text column."
     )
+
+
+def _messages(value: object, column: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{column!r} must be a non-empty list of messages, got {value!r:.60}.")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{column!r}, message {i}: expected {{'role': str, 'content': str}}, got {message!r:.60}.")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise ValueError(
+                f"{column!r}, message {i}: 'content' must be a non-empty string, got {message.get('content')!r:.60}."
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _text(row: dict, column: str) -> str:

@@ -13,7 +13,9 @@ import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from geoguard.features import FeatureSet, sae_fingerprint
 from geoguard.models import load_model
+from geoguard.sae import sae_hook_name
 
 
 def tiny_llama(n_layers: int = 4, d_model: int = 64, vocab: int = 128, seed: int = 0):
@@ -68,8 +70,11 @@ PLANTED = {"Z": 11, "Q": 42, "X": 200}
 """Planted features of `planted_sae`: SAE feature id that fires on each character."""
 
 
-def planted_sae(model, layer: int = 0) -> TopKSAE:
-    """A `tiny_sae` whose features `PLANTED` fire on the residual of their characters (char tokenizer ids)."""
+def planted_sae(model, layer: int = 0, *, align_decoder: bool = False) -> TopKSAE:
+    """A `tiny_sae` whose features `PLANTED` fire on the residual of their characters (char tokenizer ids).
+
+    With `align_decoder`, their decoder directions are their characters' directions too (a residual then
+    projects onto the planted features' span where the characters occur)."""
     sae = tiny_sae(d_in=model.config.hidden_size, layer=layer)
     embeddings = model.get_input_embeddings().weight.detach()
     with torch.no_grad():
@@ -78,7 +83,23 @@ def planted_sae(model, layer: int = 0) -> TopKSAE:
             direction = embeddings[ord(char)] / embeddings[ord(char)].norm()
             sae.W_enc[:, feature] = 50 * direction
             sae.b_enc[feature] = -4  # fires on its own character only (activation ~8 there, below 2 elsewhere)
+            if align_decoder:
+                sae.W_dec[feature] = direction
     return sae
+
+
+def planted_feature_set(sae) -> FeatureSet:
+    """A feature set of the `PLANTED` features of `planted_sae(...)`."""
+    ids = list(PLANTED.values())
+    return FeatureSet(
+        name="planted",
+        feature_ids=ids,
+        hook_name=sae_hook_name(sae),
+        d_sae=sae.cfg.d_sae,
+        sae_fingerprint=sae_fingerprint(sae),
+        labels=[{"top_tokens": [char], "examples": [{"text": f"a«{char}»"}]} for char in PLANTED],
+        decoder=torch.nn.functional.normalize(sae.W_dec[ids].detach(), dim=1),
+    )
 
 
 def planted_texts(n: int, planted: str, seed: int) -> list[str]:

@@ -1,0 +1,187 @@
+"""Scores on a tiny model with planted toxic features: methods, sliced encoding, cache, resume, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+from geoguard.data import TokenizedSample
+from geoguard.scoring import ScoreSettings, ToxicScorer, encode_features, score_dataset
+from geoguard.stats import auroc
+
+from conftest import PLANTED, char_tokenizer, planted_feature_set, planted_sae, planted_texts, tiny_llama
+
+TOXIC = planted_texts(12, "".join(PLANTED), seed=1)
+BENIGN = planted_texts(12, "", seed=2)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model = tiny_llama()
+    sae = planted_sae(model, align_decoder=True)
+    return model, char_tokenizer(), sae, planted_feature_set(sae)
+
+
+def scorer(parts, **settings) -> ToxicScorer:
+    model, tokenizer, sae, feature_set = parts
+    return ToxicScorer(model, tokenizer, sae, feature_set, ScoreSettings(**settings), batch_size=4)
+
+
+def _random_sae(cls, config_cls):
+    sae = cls(config_cls(d_in=16, d_sae=64))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(0, 0.5)
+        if isinstance(sae, JumpReLUSAE):
+            sae.threshold.uniform_(0, 1)  # a real threshold: some positive pre-activations are cut
+    return sae
+
+
+@pytest.mark.parametrize(("cls", "config_cls"), [(StandardSAE, StandardSAEConfig), (JumpReLUSAE, JumpReLUSAEConfig)])
+def test_sliced_encoding_equals_full_encoding_for_relu_and_jumprelu(cls, config_cls):
+    sae = _random_sae(cls, config_cls)
+    x = torch.randn(50, 16)
+    ids = torch.tensor([3, 17, 40, 63])
+    full = sae.encode(x)[:, ids]
+    assert (full > 0).any() and (full == 0).any()  # both branches of the activation are exercised
+    torch.testing.assert_close(encode_features(sae, x, ids), full, rtol=0, atol=1e-6)
+
+
+def test_topk_sae_is_encoded_in_full_because_slicing_would_be_wrong(parts):
+    _, _, sae, _ = parts
+    x = torch.randn(20, sae.cfg.d_in)
+    ids = torch.tensor([0, 5, 11])
+    torch.testing.assert_close(encode_features(sae, x, ids), sae.encode(x)[:, ids])
+
+
+@pytest.mark.parametrize("method", ["direct", "proximity", "subspace"])
+def test_every_method_ranks_planted_toxic_samples_above_benign_ones(parts, method):
+    result = scorer(parts, method=method)(TOXIC + BENIGN)
+    assert auroc(result.scores[:12], result.scores[12:]) > 0.95
+    assert result.n_tokens.min() > 20
+    if method != "subspace":  # the largest contributor of a planted sample is a planted feature
+        assert set(result.nearest[:12, 0]) <= set(PLANTED.values())
+
+
+def test_score_dataset_restores_the_input_order_across_chunks(parts):
+    s = scorer(parts)
+    direct = s(TOXIC + BENIGN)
+    chunked = score_dataset(s, TOXIC + BENIGN, cache=None, chunk_size=5, progress=False)
+    np.testing.assert_allclose(chunked.scores, direct.scores, rtol=1e-6)
+    np.testing.assert_array_equal(chunked.nearest, direct.nearest)
+
+
+def _count_batches(s: ToxicScorer) -> list[int]:
+    calls = []
+    original = s.score_tokenized
+
+    def counted(tokenized):
+        calls.append(len(tokenized))
+        return original(tokenized)
+
+    s.score_tokenized = counted
+    return calls
+
+
+def test_cache_hit_runs_no_model_and_returns_the_same_scores(parts, tmp_path):
+    s = scorer(parts)
+    first = score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=5, progress=False)
+    calls = _count_batches(s)
+    second = score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=5, progress=False)
+    assert calls == []
+    np.testing.assert_array_equal(second.scores, first.scores)
+    np.testing.assert_array_equal(second.nearest, first.nearest)
+
+
+def test_cache_key_changes_with_data_model_settings_and_feature_set(parts):
+    model, tokenizer, sae, feature_set = parts
+    tokenized = [TokenizedSample([5, 6, 7, 8], [1, 1, 1, 1])]
+    key = scorer(parts).cache_key(tokenized)
+    assert scorer(parts).cache_key(tokenized) == key
+    assert scorer(parts).cache_key([TokenizedSample([5, 6, 7, 9], [1, 1, 1, 1])]) != key
+    assert scorer(parts).cache_key([TokenizedSample([5, 6, 7, 8], [0, 1, 1, 1])]) != key
+    assert scorer(parts, method="proximity").cache_key(tokenized) != key
+    assert scorer(parts, span="all").cache_key(tokenized) != key
+    fewer = planted_feature_set(sae)
+    fewer.feature_ids = fewer.feature_ids[:2]
+    assert ToxicScorer(model, tokenizer, sae, fewer, ScoreSettings(n_nearest=2)).cache_key(tokenized) != key
+    trained = tiny_llama()
+    with torch.no_grad():
+        trained.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # "fine-tuning" one tensor
+    assert ToxicScorer(trained, tokenizer, sae, feature_set).cache_key(tokenized) != key
+
+
+def test_interrupted_run_resumes_at_the_missing_chunks(parts, tmp_path):
+    s = scorer(parts)
+    full = score_dataset(s, TOXIC + BENIGN, cache=None, chunk_size=5, progress=False)
+    original, done = s.score_tokenized, []
+
+    def interrupted(tokenized):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(1)
+        return original(tokenized)
+
+    s.score_tokenized = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=5, progress=False)
+    s.score_tokenized = original
+    calls = _count_batches(s)
+    resumed = score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=5, progress=False)
+    assert len(calls) == 5 - 2  # 24 samples in chunks of 5: two were done before the interruption
+    np.testing.assert_allclose(resumed.scores, full.scores, rtol=1e-6)
+
+
+def test_samples_without_tokens_in_the_span_are_named(parts):
+    s = scorer(parts, span="response")
+    prompt_only = TokenizedSample([5, 6, 7, 8], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"Samples \[1\] have no tokens to score in span 'response'"):
+        s.score_tokenized([TokenizedSample([5, 6, 7, 8], [1, 1, 1, 1]), prompt_only])
+
+
+def test_bad_settings_are_rejected_with_the_allowed_values():
+    with pytest.raises(ValueError, match="method must be 'proximity', 'direct' or 'subspace'"):
+        ScoreSettings(method="nearest")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_scores_equal_single_process_scores(parts, tmp_path):
+    model, _, sae, feature_set = parts
+    model.save_pretrained(tmp_path / "model")
+    sae.save_model(str(tmp_path / "sae"))
+    feature_set.save(tmp_path / "features")
+    single = score_dataset(
+        scorer(parts),
+        planted_texts(9, "".join(PLANTED), seed=1) + planted_texts(8, "", seed=2),
+        cache=None,
+        chunk_size=3,
+        progress=False,
+    )
+    script = os.path.join(os.path.dirname(__file__), "distributed_scoring.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script]
+    command += [str(tmp_path / p) for p in ("model", "sae", "features", "cache", "out.json")]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["world"] == 2
+    for rank_scores in out["scores"]:  # every rank returns the full, gathered result
+        np.testing.assert_allclose(rank_scores, single.scores, rtol=1e-5)
+    # Each rank wrote the chunks it scored: 17 samples in chunks of 3 make 6 chunk files in the cache.
+    assert len(list((tmp_path / "cache").rglob("chunk-*.npz"))) == 6
