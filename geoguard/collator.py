@@ -36,8 +36,9 @@ class GeoGuardCollator:
     honour a `labels` field (TRL's does; transformers' `DataCollatorForLanguageModeling` rebuilds labels,
     so use `drop` with it). Fractional weights are not offered: the Trainer's loss takes no per-sample weight.
 
-    `counts` says how many samples were seen, dropped and masked (in this process; dataloader workers,
-    `dataloader_num_workers > 0`, keep their own counts). `wrap_trainer` also adds them to the Trainer's logs.
+    `counts` says how many samples were seen, dropped and masked so far, in this process. The dataloader
+    collates a batch or two ahead of the step being logged, and dataloader workers (`dataloader_num_workers > 0`)
+    keep their own counts. `wrap_trainer` also adds them to the Trainer's logs.
 
     Args:
         base_collator (`Callable`): the collator to wrap, e.g. `trainer.data_collator`.

@@ -171,6 +171,10 @@ def _row_to_sample(row: dict, text_field: str | None) -> Sample:
         return {"messages": [{"role": "user", "content": prompt}]}
     if row.get("text") is not None:
         return {"text": _text(row, "text")}
+    if present := [
+        c for c in ("messages", "prompt", "completion", "instruction", "text") if c in row and row[c] is None
+    ]:
+        raise ValueError(f"{present[0]!r} is missing (empty in this row); fill it in or remove the row.")
     raise ValueError(
         f"none of the columns geoguard reads (messages; prompt + completion; instruction; text) is here "
         f"(columns: {sorted(row)}). Pass text_field (--text_field) to name the text column."
