@@ -2,6 +2,8 @@
 
     geoguard features --target toxic.jsonl --reference benign.jsonl --name toxic --output_dir sets/toxic
     geoguard geometry --toxic sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
+    geoguard score --data train.jsonl --output scored.jsonl
+    geoguard filter --data train.jsonl --output kept.jsonl --policy top_fraction --fraction 0.5
 
 Each subcommand reads its flags (or `--config file.yaml`) into one dataclass; `geoguard CMD --help`
 lists them.
@@ -13,16 +15,36 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
+from datasets import Dataset
 from trl import TrlParser
 
-from geoguard.corpora import load_samples
+from geoguard.corpora import load_rows, load_samples, rows_to_samples
 from geoguard.data import Span
-from geoguard.features import Contrast, FeatureSet, Pooling, RankBy, find_features
+from geoguard.distributed import process_state
+from geoguard.features import EMBEDDED_TOXIC_SET, Contrast, FeatureSet, Pooling, RankBy, find_features
+from geoguard.filtering import (
+    DropAbovePercentile,
+    DropAboveThreshold,
+    DropTopFraction,
+    FilterResult,
+    filter_dataset,
+)
 from geoguard.geometry import measure_geometry
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.report import write_feature_set_card, write_geometry_report
 from geoguard.sae import EMBEDDED_SAE, load_sae
+from geoguard.scoring import (
+    NEAREST_COLUMN,
+    SCORE_COLUMN,
+    SampleScores,
+    ScoreMethod,
+    ScoreSettings,
+    ToxicScorer,
+    score_dataset,
+)
 
 
 @dataclass
@@ -176,7 +198,145 @@ def run_geometry(args: GeometryArguments, command: str = "") -> Path:
     return report
 
 
-COMMANDS = {"features": (FeaturesArguments, run_features), "geometry": (GeometryArguments, run_geometry)}
+@dataclass
+class ScoreArguments(ModelAndSAEArguments):
+    data: str = field(
+        default="", metadata={"help": "Data to score: a JSON/JSONL/CSV/Parquet file, a saved folder or a Hub data set."}
+    )
+    output: str = field(
+        default="",
+        metadata={"help": "Where the scored rows go: .jsonl, .json, .csv, .parquet, or a folder (save_to_disk)."},
+    )
+    feature_set: str = field(default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Directory of the toxic feature set."})
+    method: ScoreMethod = field(
+        default=ScoreSettings.method,
+        metadata={
+            "help": "Score: direct (toxic features' activation), proximity (activation-weighted decoder "
+            "similarity to the nearest toxic feature) or subspace (residual's projection onto the toxic span)."
+        },
+    )
+    span: Span = field(
+        default="response", metadata={"help": "Tokens scored: response (what training teaches), prompt or all."}
+    )
+    pooling: Pooling = field(default="mean", metadata={"help": "Per-sample pooling of token values: mean or max."})
+    text_field: str | None = field(default=None, metadata={"help": "Column with plain text (default: detect)."})
+    split: str = field(default="train", metadata={"help": "Split of Hub data sets and saved DatasetDicts."})
+    max_samples: int | None = field(default=None, metadata={"help": "Score a seeded random subset of this size."})
+    seed: int = field(default=0, metadata={"help": "Seed of the subset."})
+    batch_size: int = field(default=16, metadata={"help": "Samples per forward pass."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per sample (longer ones are truncated)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Score cache (default: ~/.cache/geoguard/scores)."})
+    no_cache: bool = field(default=False, metadata={"help": "Neither read nor write the score cache."})
+
+    def __post_init__(self):
+        if not self.data or not self.output:
+            raise ValueError("--data (the data set) and --output (where its rows are written) are required.")
+
+
+@dataclass
+class FilterArguments(ScoreArguments):
+    policy: Literal["top_fraction", "threshold", "reference_percentile"] = field(
+        default="top_fraction",
+        metadata={
+            "help": "top_fraction: drop the highest-scoring --fraction (the paper: 0.5); threshold: drop "
+            "scores above --threshold; reference_percentile: drop scores above --percentile of the --reference set's."
+        },
+    )
+    fraction: float = field(default=0.5, metadata={"help": "Share dropped by the top_fraction policy."})
+    threshold: float | None = field(default=None, metadata={"help": "Score above which the threshold policy drops."})
+    reference: str | None = field(default=None, metadata={"help": "Benign data calibrating reference_percentile."})
+    percentile: float = field(default=95.0, metadata={"help": "Percentile of the reference scores used as threshold."})
+    dropped: str | None = field(
+        default=None, metadata={"help": "Audit file of dropped rows (default: <output>.dropped.jsonl)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.policy == "threshold" and self.threshold is None:
+            raise ValueError("--policy threshold needs --threshold VALUE.")
+        if self.policy == "reference_percentile" and not self.reference:
+            raise ValueError("--policy reference_percentile needs --reference BENIGN_DATA.")
+
+
+def _scorer(args: ScoreArguments) -> ToxicScorer:
+    model, tokenizer = load_model(args.model)
+    model.to(process_state().device)
+    sae = load_sae(args.sae, args.sae_id, device=str(process_state().device))
+    settings = ScoreSettings(method=args.method, span=args.span, pooling=args.pooling, max_length=args.max_length)
+    feature_set = FeatureSet.load(args.feature_set, sae=sae)
+    return ToxicScorer(model, tokenizer, sae, feature_set, settings, batch_size=args.batch_size)
+
+
+def _score(scorer: ToxicScorer, args: ScoreArguments, source: str) -> tuple[Dataset, SampleScores]:
+    rows = load_rows(source, split=args.split, max_samples=args.max_samples, seed=args.seed)
+    samples = rows_to_samples(rows, text_field=args.text_field, source=source)
+    cache = None if args.no_cache else (args.cache_dir or "default")
+    return rows, score_dataset(scorer, samples, cache=cache)
+
+
+def run_score(args: ScoreArguments, command: str = "") -> SampleScores:
+    """`geoguard score`: write the rows with `geoguard_score` and `geoguard_nearest` (top toxic feature ids) columns."""
+    scorer = _scorer(args)
+    rows, scores = _score(scorer, args, args.data)
+    if process_state().is_main_process:
+        for column in (SCORE_COLUMN, NEAREST_COLUMN):
+            if column in rows.column_names:
+                rows = rows.remove_columns(column)
+        rows = rows.add_column(SCORE_COLUMN, scores.scores.tolist())
+        rows = rows.add_column(NEAREST_COLUMN, scores.nearest.tolist())
+        write_rows(rows, args.output)
+        q = np.quantile(scores.scores, [0, 0.5, 0.9, 1])
+        print(
+            f"Scored {len(rows)} rows ({args.method}, {args.span} tokens): min {q[0]:.4g}, median {q[1]:.4g}, "
+            f"90th percentile {q[2]:.4g}, max {q[3]:.4g}. Written to {args.output}."
+        )
+    return scores
+
+
+def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
+    """`geoguard filter`: score, apply the policy, write the kept rows and the audit file of dropped rows."""
+    scorer = _scorer(args)
+    rows, scores = _score(scorer, args, args.data)
+    if args.policy == "top_fraction":
+        policy = DropTopFraction(args.fraction)
+    elif args.policy == "threshold":
+        policy = DropAboveThreshold(args.threshold)
+    else:
+        policy = DropAbovePercentile(_score(scorer, args, args.reference)[1].scores, args.percentile)
+    if not process_state().is_main_process:
+        return None
+    dropped = args.dropped or f"{args.output.removesuffix('/')}.dropped.jsonl"
+    result = filter_dataset(rows, scores, policy, dropped, feature_set=scorer.feature_set)
+    write_rows(result.kept, args.output)
+    print(
+        f"Kept {len(result.kept)} of {len(rows)} rows ({result.policy}); {len(result.dropped_rows)} dropped rows "
+        f"with their scores, ranks and nearest toxic features in {result.audit_path}. Kept rows: {args.output}."
+    )
+    return result
+
+
+def write_rows(rows: Dataset, path: str) -> None:
+    """Write rows by the file suffix: .jsonl / .json (JSON lines), .csv, .parquet, or a `save_to_disk` folder."""
+    suffix = Path(path).suffix
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".jsonl", ".json"):
+        rows.to_json(path, lines=True, force_ascii=False)
+    elif suffix == ".csv":
+        rows.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        rows.to_parquet(path)
+    elif suffix:
+        raise ValueError(f"Cannot write {path}: use .jsonl, .json, .csv, .parquet, or a folder name without a suffix.")
+    else:
+        rows.save_to_disk(path)
+
+
+COMMANDS = {
+    "features": (FeaturesArguments, run_features),
+    "geometry": (GeometryArguments, run_geometry),
+    "score": (ScoreArguments, run_score),
+    "filter": (FilterArguments, run_filter),
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,6 +56,9 @@ ScoreMethod = Literal["proximity", "direct", "subspace"]
 SCORE_COLUMN = "geoguard_score"
 """Data set column holding precomputed scores (read by `GeoGuardCollator`)."""
 
+NEAREST_COLUMN = "geoguard_nearest"
+"""Column `geoguard score` writes with the ids of each sample's largest-contributing toxic features."""
+
 _TOKEN_CHUNK = 4096  # tokens encoded at once: bounds the (tokens, d_sae) activation matrix to ~128 MB at d_sae 8192
 
 

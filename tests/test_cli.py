@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from geoguard.cli import main
-from geoguard.corpora import load_samples
+from geoguard.corpora import load_rows, load_samples
 from geoguard.features import FeatureSet
 
-from conftest import PLANTED, char_tokenizer, planted_sae, planted_texts, tiny_llama
+from conftest import PLANTED, char_tokenizer, planted_feature_set, planted_sae, planted_texts, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,41 @@ def test_load_samples_names_the_bad_row(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type '.xml'"):
         (tmp_path / "a.xml").write_text("<a/>")
         load_samples(tmp_path / "a.xml")
+
+
+def test_score_and_filter_commands_write_scores_kept_rows_and_the_audit(local_model_and_sae, tmp_path, capsys):
+    root = local_model_and_sae
+    model_dir = root / "model"
+    sae = planted_sae(tiny_llama())
+    planted_feature_set(sae).save(tmp_path / "toxic")
+    rows = [{"id": i, "text": t} for i, t in enumerate(planted_texts(4, "ZQX", seed=0) + planted_texts(4, "", seed=1))]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--data", str(data), "--model", str(model_dir), "--sae", str(root / "sae")]
+    common += ["--feature_set", str(tmp_path / "toxic"), "--cache_dir", str(tmp_path / "cache")]
+
+    main(["score", *common, "--output", str(tmp_path / "scored.jsonl")])
+    scored = load_rows(tmp_path / "scored.jsonl")
+    assert list(scored["id"]) == list(range(8))
+    assert min(scored["geoguard_score"][:4]) > max(scored["geoguard_score"][4:])
+    assert all(n[0] in PLANTED.values() for n in scored["geoguard_nearest"][:4])
+    assert "Scored 8 rows (direct, response tokens)" in capsys.readouterr().out
+
+    main(["filter", *common, "--output", str(tmp_path / "kept.jsonl"), "--fraction", "0.25"])
+    kept = load_rows(tmp_path / "kept.jsonl")
+    audit = [json.loads(line) for line in (tmp_path / "kept.jsonl.dropped.jsonl").read_text().splitlines()]
+    assert sorted(list(kept["id"]) + [a["sample"]["id"] for a in audit]) == list(range(8))
+    assert len(audit) == 2 and all(a["sample"]["id"] < 4 for a in audit)
+    assert "Kept 6 of 8 rows (drop the top 25% by score)" in capsys.readouterr().out
+
+    # Calibrated on the benign rows: only rows above their 90th percentile go.
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_texts(10, "", seed=5)))
+    reference = ["--policy", "reference_percentile", "--reference", str(benign), "--percentile", "90"]
+    main(["filter", *common, "--output", str(tmp_path / "kept2.jsonl"), *reference])
+    assert sorted(load_rows(tmp_path / "kept2.jsonl")["id"])[:4] == [4, 5, 6, 7]
+
+
+def test_filter_command_names_a_missing_policy_value(tmp_path):
+    with pytest.raises(ValueError, match="--policy threshold needs --threshold"):
+        main(["filter", "--data", "x.jsonl", "--output", str(tmp_path / "k.jsonl"), "--policy", "threshold"])
