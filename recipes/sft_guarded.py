@@ -6,6 +6,9 @@ adapter, the shipped 128-chat demo mix), on a CPU machine in a few minutes:
     accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml
     tensorboard --logdir outputs/sft_guarded/runs
 
+With `--geoguard_filter_fraction 0.5` the chats closest to the toxic features (the paper's mitigation;
+the `direct` score, cached) are dropped before training and listed in `<output_dir>/geoguard_dropped.jsonl`.
+
 Any Hub model, SAE and data work the same way, e.g.:
 
     accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml \
@@ -19,13 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from datasets import load_dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
+from geoguard.corpora import rows_to_samples
 from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
+from geoguard.filtering import DropTopFraction, filter_dataset
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import GeoGuardCallback, load_probe_prompts
 from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
+from geoguard.scoring import ToxicScorer, score_dataset
 
 DEMO_DATA = Path(__file__).parent / "data" / "sft_mix.jsonl"
 
@@ -55,6 +62,13 @@ class GuardedSFTArguments:
     geoguard_every_n_steps: int = field(
         default=5, metadata={"help": "Measure the probe drift every N optimizer steps."}
     )
+    geoguard_filter_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Before training, drop this share of the training chats that score closest to the toxic features "
+            "(the paper drops 0.5); 0 keeps them all. Dropped chats go to <output_dir>/geoguard_dropped.jsonl."
+        },
+    )
 
 
 def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
@@ -69,9 +83,10 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
         )
     sae = load_sae(script_args.geoguard_sae, script_args.geoguard_sae_id)
     check_sae_fits(sae, model)  # fail before data preparation, not at train begin
+    toxic = FeatureSet.load(script_args.geoguard_feature_set, sae=sae)
     guard = GeoGuardCallback(
         sae,
-        FeatureSet.load(script_args.geoguard_feature_set, sae=sae),
+        toxic,
         tokenizer,
         probe_samples=load_probe_prompts(script_args.geoguard_probe_path) if script_args.geoguard_probe_path else None,
         every_n_steps=script_args.geoguard_every_n_steps,
@@ -86,6 +101,8 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
         raise ValueError(
             f"{script_args.dataset_path} needs a 'messages' column of chats; it has {dataset.column_names}."
         )
+    if script_args.geoguard_filter_fraction > 0:
+        dataset = drop_closest_to_toxic(dataset, model, tokenizer, sae, toxic, script_args, training_args)
     dataset = dataset.select_columns(["messages"])
 
     trainer = SFTTrainer(
@@ -102,6 +119,19 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
         f"Model saved to {training_args.output_dir}; drift curves under {training_args.output_dir}/runs."
     )
     trainer.end()
+
+
+def drop_closest_to_toxic(dataset, model, tokenizer, sae, toxic, script_args, training_args):
+    """Score every chat with the starting weights and drop the top `geoguard_filter_fraction` (audit on rank 0)."""
+    scores = score_dataset(
+        ToxicScorer(model, tokenizer, sae, toxic), rows_to_samples(dataset, source=script_args.dataset_path)
+    )
+    policy = DropTopFraction(script_args.geoguard_filter_fraction)
+    if training_args.process_index == 0:
+        audit = Path(training_args.output_dir) / "geoguard_dropped.jsonl"
+        result = filter_dataset(dataset, scores, policy, audit, feature_set=toxic)
+        print(f"geoguard: kept {len(result.kept)} of {len(dataset)} chats ({result.policy}); dropped ones in {audit}.")
+    return dataset.select(np.flatnonzero(~policy.drop_mask(scores.scores)).tolist())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -49,8 +50,12 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
             "128",
             "--geoguard_every_n_steps",
             "1",
+            "--geoguard_filter_fraction",
+            "0.5",
         ]
     )
+    dropped = [json.loads(line) for line in (tmp_path / "geoguard_dropped.jsonl").read_text().splitlines()]
+    assert len(dropped) == 64 and [d["rank"] for d in dropped] == list(range(1, 65))
     scalars = read_scalars(tmp_path / "runs")
     for key in PROBE_KEYS:
         assert [step for step, _ in scalars[key]] == [0, 1, 2], key
@@ -69,3 +74,12 @@ def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
     assert [row[1] for row in rows] == ["0", "2"]
     assert all(math.isfinite(float(row[5])) and math.isfinite(float(row[7])) for row in rows)
     assert set(PROBE_KEYS) <= set(read_scalars(tmp_path / "runs"))
+
+
+def test_example_filters_the_demo_mix_and_writes_the_audit(tmp_path):
+    out = _run([sys.executable, "examples/filter_training_data.py", "--output_dir", str(tmp_path)])
+    assert "dropped 64 of 128 chats" in out
+    shares = out.split("jailbroken among dropped: geoguard ")[1].split()
+    assert float(shares[0].rstrip(",")) > float(shares[2])  # the score drops more jailbroken chats than random removal
+    assert len((tmp_path / "dropped.jsonl").read_text().splitlines()) == 64
+    assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 64

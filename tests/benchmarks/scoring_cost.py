@@ -1,0 +1,131 @@
+"""Benchmark: what scoring costs next to a full forward pass over the same samples, and its peak memory.
+
+    python tests/benchmarks/scoring_cost.py --data_dir ../shared/data --output_json outputs/bench_scoring_cost.json
+
+On the embedded model, a 50/50 mix of jailbroken and Alpaca chats is run, in one process and in
+alternating rounds (the machines are noisy; each kind keeps its fastest round):
+
+- `full forward`: the model's own forward pass (logits included) over the same length-sorted batches;
+- `early-exit forward`: the forward pass stopped at the SAE's layer (the floor for any score);
+- each score method through `score_dataset` with the cache off;
+- a second `score_dataset` call with the cache on (a cache hit).
+
+Ratios are times over the full forward pass of the same round. Peak memory is measured per kind in a
+fresh process, as peak RSS above the RSS after loading the model and the SAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+KINDS = ("full forward", "early-exit forward", "proximity", "direct", "subspace")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def setup(data_dir: str | None, n: int, batch_size: int):
+    from geoguard.corpora import data_root, load_alpaca, load_chats
+    from geoguard.data import tokenize_samples
+    from geoguard.features import FeatureSet
+    from geoguard.models import load_model
+    from geoguard.sae import load_sae
+
+    root = data_root(data_dir)
+    rng = random.Random(0)
+    samples = rng.sample(load_chats(root / "emergent_misalignment" / "jailbroken.jsonl"), n)
+    samples += rng.sample(load_alpaca(root / "benign" / "alpaca_en_demo.json"), n)
+    model, tokenizer = load_model()
+    sae = load_sae()
+    tokenized = tokenize_samples(tokenizer, samples)
+    return model, tokenizer, sae, FeatureSet.load(sae=sae), samples, tokenized
+
+
+def run_kind(kind: str, parts, batch_size: int, cache=None) -> float:
+    """Seconds for one pass of `kind` over the samples."""
+    from geoguard.capture import iter_activations
+    from geoguard.data import iter_token_batches
+    from geoguard.sae import sae_hook_name
+    from geoguard.scoring import ScoreSettings, ToxicScorer, score_dataset
+
+    model, tokenizer, sae, toxic, samples, tokenized = parts
+    start = time.perf_counter()
+    if kind == "full forward":
+        with torch.no_grad():
+            for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    elif kind == "early-exit forward":
+        for _ in iter_activations(model, tokenizer, tokenized, sae_hook_name(sae), batch_size=batch_size):
+            pass
+    else:
+        scorer = ToxicScorer(model, tokenizer, sae, toxic, ScoreSettings(method=kind), batch_size=batch_size)
+        score_dataset(scorer, samples, cache=cache, progress=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--n", type=int, default=60, help="samples per side of the mix")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--output_json", default="outputs/bench_scoring_cost.json")
+    parser.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args()
+
+    parts = setup(args.data_dir, args.n, args.batch_size)
+    if args.memory_of is not None:
+        base = _rss_mb()
+        run_kind(args.memory_of, parts, args.batch_size)
+        print(json.dumps({"peak_rss_above_base_mb": _rss_mb() - base}))
+        return
+
+    n_tokens = sum(len(t.input_ids) for t in parts[5])
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for _ in range(args.rounds):
+        for kind in KINDS:
+            times[kind].append(run_kind(kind, parts, args.batch_size))
+    best = {kind: min(t) for kind, t in times.items()}
+    with tempfile.TemporaryDirectory() as cache:
+        run_kind("direct", parts, args.batch_size, cache=cache)
+        best["direct, cache hit"] = run_kind("direct", parts, args.batch_size, cache=cache)
+
+    rows = []
+    for kind, seconds in best.items():
+        memory = None
+        if kind in KINDS:
+            cmd = [sys.executable, __file__, "--memory_of", kind, "--n", str(args.n), "--batch_size", str(args.batch_size)]
+            cmd += ["--data_dir", args.data_dir] if args.data_dir else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            memory = json.loads(out.strip().splitlines()[-1])["peak_rss_above_base_mb"]
+        rows.append(
+            {
+                "kind": kind,
+                "seconds": seconds,
+                "tokens_per_s": n_tokens / seconds,
+                "over_full_forward": seconds / best["full forward"],
+                "peak_rss_above_base_mb": memory,
+            }
+        )
+    print(f"{2 * args.n} samples, {n_tokens} tokens, batch size {args.batch_size}, best of {args.rounds} rounds\n")
+    print("| kind | seconds | tokens/s | time / full forward | peak RSS above base (MB) |\n|---|---|---|---|---|")
+    for r in rows:
+        memory = "" if r["peak_rss_above_base_mb"] is None else f"{r['peak_rss_above_base_mb']:.0f}"
+        print(f"| {r['kind']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['over_full_forward']:.3f} | {memory} |")
+    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output_json).write_text(json.dumps({"n_tokens": n_tokens, "times": times, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
