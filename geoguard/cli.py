@@ -227,6 +227,10 @@ class ScoreArguments(ModelAndSAEArguments):
     max_length: int = field(default=512, metadata={"help": "Tokens per sample (longer ones are truncated)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Score cache (default: ~/.cache/geoguard/scores)."})
     no_cache: bool = field(default=False, metadata={"help": "Neither read nor write the score cache."})
+    chunk_size: int = field(
+        default=256,
+        metadata={"help": "Samples per cache chunk: the unit of resuming and of splitting across processes."},
+    )
 
     def __post_init__(self):
         if not self.data or not self.output:
@@ -260,8 +264,9 @@ class FilterArguments(ScoreArguments):
 
 def _scorer(args: ScoreArguments) -> ToxicScorer:
     model, tokenizer = load_model(args.model)
-    model.to(process_state().device)
-    sae = load_sae(args.sae, args.sae_id, device=str(process_state().device))
+    device = process_state().device  # each process scores on its own GPU under accelerate launch
+    model.to(device)
+    sae = load_sae(args.sae, args.sae_id).to(device)
     settings = ScoreSettings(method=args.method, span=args.span, pooling=args.pooling, max_length=args.max_length)
     feature_set = FeatureSet.load(args.feature_set, sae=sae)
     return ToxicScorer(model, tokenizer, sae, feature_set, settings, batch_size=args.batch_size)
@@ -271,7 +276,7 @@ def _score(scorer: ToxicScorer, args: ScoreArguments, source: str) -> tuple[Data
     rows = load_rows(source, split=args.split, max_samples=args.max_samples, seed=args.seed)
     samples = rows_to_samples(rows, text_field=args.text_field, source=source)
     cache = None if args.no_cache else (args.cache_dir or "default")
-    return rows, score_dataset(scorer, samples, cache=cache)
+    return rows, score_dataset(scorer, samples, cache=cache, chunk_size=args.chunk_size)
 
 
 def run_score(args: ScoreArguments, command: str = "") -> SampleScores:

@@ -59,7 +59,7 @@ SCORE_COLUMN = "geoguard_score"
 NEAREST_COLUMN = "geoguard_nearest"
 """Column `geoguard score` writes with the ids of each sample's largest-contributing toxic features."""
 
-_TOKEN_CHUNK = 4096  # tokens encoded at once: bounds the (tokens, d_sae) activation matrix to ~128 MB at d_sae 8192
+_TOKEN_CHUNK = 1024  # tokens encoded at once: each (tokens, d_sae) matrix of the encoding is 32 MB at d_sae 8192
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,10 @@ class ToxicScorer:
             toxic = directions[self.toxic_ids]  # (k, d_in)
             if settings.method == "proximity":
                 # Each SAE feature's similarity to its nearest toxic feature, and which one that is.
-                similarity, self._nearest = (directions @ toxic.T).max(dim=1)  # (d_sae,)
-                self._weight = similarity.clamp(min=0)
+                similarity, nearest = (directions @ toxic.T).max(dim=1)  # (d_sae,)
+                self._nearest, self._weight = nearest.cpu(), similarity.clamp(min=0).cpu()  # pooling runs on CPU
             elif settings.method == "subspace":
-                self._toxic_directions = toxic
+                self._toxic_directions = toxic  # on the SAE's device, like the residuals projected onto it
                 self._basis = torch.linalg.qr(toxic.T).Q  # (d_in, k): orthonormal basis of the toxic span
 
     def __call__(self, samples: Sequence[Sample]) -> SampleScores:
@@ -351,7 +351,8 @@ def score_dataset(
     tokenized = tokenize_samples(scorer.tokenizer, samples, max_length=scorer.settings.max_length)
     order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
-    store = _ChunkStore(default_score_cache() if cache == "default" else cache, scorer.cache_key(tokenized))
+    root = default_score_cache() if cache == "default" else cache
+    store = _ChunkStore(None if root is None else Path(root) / scorer.cache_key(tokenized))
 
     # The main process decides which chunks are missing, so every process agrees even without shared storage.
     missing = broadcast_object_list([store.missing(len(chunks)) if state.is_main_process else None])[0]
@@ -377,10 +378,10 @@ def score_dataset(
 
 
 class _ChunkStore:
-    """Per-chunk score files under `<root>/<key>/`, written atomically; a no-op without a root."""
+    """Per-chunk score files in one cache directory, written atomically; a no-op without a directory."""
 
-    def __init__(self, root: str | Path | None, key: str):
-        self.path = None if root is None else Path(root) / key
+    def __init__(self, path: Path | None):
+        self.path = path
 
     def missing(self, n_chunks: int) -> list[int]:
         if self.path is None:

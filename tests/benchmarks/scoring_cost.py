@@ -10,8 +10,8 @@ alternating rounds (the machines are noisy; each kind keeps its fastest round):
 - each score method through `score_dataset` with the cache off;
 - a second `score_dataset` call with the cache on (a cache hit).
 
-Ratios are times over the full forward pass of the same round. Peak memory is measured per kind in a
-fresh process, as peak RSS above the RSS after loading the model and the SAE.
+Ratios are times over the full forward pass. Peak memory is measured per kind in a fresh process: the
+peak RSS (VmHWM, reset after loading the model and the SAE) above the RSS at that moment.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,17 @@ import torch
 KINDS = ("full forward", "early-exit forward", "proximity", "direct", "subspace")
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only).")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so loading the model does not count as the peak."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def setup(data_dir: str | None, n: int, batch_size: int):
@@ -86,9 +94,10 @@ def main() -> None:
 
     parts = setup(args.data_dir, args.n, args.batch_size)
     if args.memory_of is not None:
-        base = _rss_mb()
+        _reset_peak_rss()
+        base = _status_mb("VmRSS")
         run_kind(args.memory_of, parts, args.batch_size)
-        print(json.dumps({"peak_rss_above_base_mb": _rss_mb() - base}))
+        print(json.dumps({"peak_rss_above_base_mb": _status_mb("VmHWM") - base}))
         return
 
     n_tokens = sum(len(t.input_ids) for t in parts[5])
