@@ -352,7 +352,8 @@ def score_dataset(
     order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
     chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
     root = default_score_cache() if cache == "default" else cache
-    store = _ChunkStore(None if root is None else Path(root) / scorer.cache_key(tokenized))
+    # A chunk file holds the scores of the samples at its place in the length order, for this chunk size.
+    store = _ChunkStore(None if root is None else Path(root) / scorer.cache_key(tokenized) / f"chunks-of-{chunk_size}")
 
     # The main process decides which chunks are missing, so every process agrees even without shared storage.
     missing = broadcast_object_list([store.missing(len(chunks)) if state.is_main_process else None])[0]

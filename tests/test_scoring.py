@@ -102,6 +102,13 @@ def test_cache_hit_runs_no_model_and_returns_the_same_scores(parts, tmp_path):
     np.testing.assert_array_equal(second.nearest, first.nearest)
 
 
+def test_a_cache_written_with_another_chunk_size_is_not_misread(parts, tmp_path):
+    s = scorer(parts)
+    score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=5, progress=False)
+    again = score_dataset(s, TOXIC + BENIGN, cache=tmp_path, chunk_size=7, progress=False)
+    np.testing.assert_allclose(again.scores, s(TOXIC + BENIGN).scores, rtol=1e-6)
+
+
 def test_cache_key_changes_with_data_model_settings_and_feature_set(parts):
     model, tokenizer, sae, feature_set = parts
     tokenized = [TokenizedSample([5, 6, 7, 8], [1, 1, 1, 1])]

@@ -114,7 +114,16 @@ def main() -> None:
     for kind, seconds in best.items():
         memory = None
         if kind in KINDS:
-            cmd = [sys.executable, __file__, "--memory_of", kind, "--n", str(args.n), "--batch_size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory_of",
+                kind,
+                "--n",
+                str(args.n),
+                "--batch_size",
+                str(args.batch_size),
+            ]
             cmd += ["--data_dir", args.data_dir] if args.data_dir else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             memory = json.loads(out.strip().splitlines()[-1])["peak_rss_above_base_mb"]
@@ -131,7 +140,9 @@ def main() -> None:
     print("| kind | seconds | tokens/s | time / full forward | peak RSS above base (MB) |\n|---|---|---|---|---|")
     for r in rows:
         memory = "" if r["peak_rss_above_base_mb"] is None else f"{r['peak_rss_above_base_mb']:.0f}"
-        print(f"| {r['kind']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['over_full_forward']:.3f} | {memory} |")
+        print(
+            f"| {r['kind']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['over_full_forward']:.3f} | {memory} |"
+        )
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_json).write_text(json.dumps({"n_tokens": n_tokens, "times": times, "rows": rows}, indent=2))
 
