@@ -13,7 +13,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from geoguard import EMBEDDED_MODEL, FeatureSet, GeoGuardCallback, load_model, load_sae
-from geoguard.monitor import DRIFT, MEAN_ACT
+from geoguard.monitor import PROBE_DRIFT, PROBE_MEAN_ACT
 
 
 def main() -> None:
@@ -51,8 +51,8 @@ def main() -> None:
 
     trainer.train()
     for entry in trainer.state.log_history:
-        if DRIFT in entry:
-            print(f"step {entry['step']:>3}  toxic mean act {entry[MEAN_ACT]:.4f}  drift {entry[DRIFT]:+.4f}")
+        if PROBE_DRIFT in entry:
+            print(f"step {entry['step']:>3}  toxic mean act {entry[PROBE_MEAN_ACT]:.4f}  drift {entry[PROBE_DRIFT]:+.4f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The one place geoguard learns which process it is: accelerate's `PartialState`, CPU runs included."""
+"""The one place geoguard learns which process it is and reduces values across processes (accelerate)."""
 
 from __future__ import annotations
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import reduce
 
 
 def process_state() -> PartialState:
@@ -14,3 +15,15 @@ def process_state() -> PartialState:
     When an `Accelerator` or a Trainer already set the state up, that state is returned unchanged.
     """
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def reduce_across_processes(tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Sum (or average, `reduction="mean"`) a tensor over all processes; every process must call it.
+
+    A single process gets a copy back. The tensor travels on the process's device (NCCL needs GPU tensors)
+    and comes back on the device it came from.
+    """
+    state = process_state()
+    if state.num_processes == 1:
+        return tensor.clone()
+    return reduce(tensor.to(state.device), reduction=reduction).to(tensor.device)

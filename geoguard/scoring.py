@@ -175,15 +175,13 @@ class ToxicScorer:
         if settings.n_nearest > len(self.toxic_ids):
             raise ValueError(f"n_nearest={settings.n_nearest} exceeds the {len(self.toxic_ids)} toxic features.")
         with torch.no_grad():
-            directions = nn.functional.normalize(sae.W_dec.detach().float(), dim=1)  # (d_sae, d_in)
-            toxic = directions[self.toxic_ids]  # (k, d_in)
             if settings.method == "proximity":
+                directions = nn.functional.normalize(sae.W_dec.detach().float(), dim=1)  # (d_sae, d_in)
                 # Each SAE feature's similarity to its nearest toxic feature, and which one that is.
-                similarity, nearest = (directions @ toxic.T).max(dim=1)  # (d_sae,)
+                similarity, nearest = (directions @ directions[self.toxic_ids].T).max(dim=1)  # (d_sae,)
                 self._nearest, self._weight = nearest.cpu(), similarity.clamp(min=0).cpu()  # pooling runs on CPU
             elif settings.method == "subspace":
-                self._toxic_directions = toxic  # on the SAE's device, like the residuals projected onto it
-                self._basis = torch.linalg.qr(toxic.T).Q  # (d_in, k): orthonormal basis of the toxic span
+                self._toxic_directions, self._basis = toxic_subspace(sae, self.toxic_ids)
 
     def __call__(self, samples: Sequence[Sample]) -> SampleScores:
         """Score chats or plain texts (not cached; `score_dataset` caches)."""
@@ -288,6 +286,16 @@ class ToxicScorer:
             "settings": asdict(self.settings),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def toxic_subspace(sae: SAE, feature_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit decoder directions `(k, d_in)` of `feature_ids` and an orthonormal basis `(d_in, k)` of their span.
+
+    Both are float32 on the SAE's device; project residuals in the SAE's input space (`sae.process_sae_in`).
+    """
+    with torch.no_grad():
+        directions = nn.functional.normalize(sae.W_dec.detach()[feature_ids].float(), dim=1)
+        return directions, torch.linalg.qr(directions.T).Q
 
 
 def model_fingerprint(model: nn.Module) -> str:

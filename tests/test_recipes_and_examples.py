@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from geoguard.monitor import DRIFT, MEAN_ACT, PROBE_KEYS
+from geoguard.monitor import PROBE_DRIFT, PROBE_KEYS, PROBE_MEAN_ACT
 
 from tb import read_scalars
 
@@ -59,8 +59,8 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
     scalars = read_scalars(tmp_path / "runs")
     for key in PROBE_KEYS:
         assert [step for step, _ in scalars[key]] == [0, 1, 2], key
-    assert scalars[DRIFT][0][1] == 0.0
-    assert scalars[MEAN_ACT][0][1] > 0
+    assert scalars[PROBE_DRIFT][0][1] == 0.0
+    assert scalars[PROBE_MEAN_ACT][0][1] > 0
     for key in ("train/loss", "train/learning_rate", "train/grad_norm"):
         assert len(scalars[key]) == 2, key
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the trained adapter was saved
