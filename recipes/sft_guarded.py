@@ -6,6 +6,11 @@ adapter, the shipped 128-chat demo mix), on a CPU machine in a few minutes:
     accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml
     tensorboard --logdir outputs/sft_guarded/runs
 
+On several GPUs, with one of the accelerate configs in recipes/accelerate/ (DDP, ZeRO-2, ZeRO-3, FSDP2):
+
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 4 recipes/sft_guarded.py \
+        --config recipes/configs/sft_guarded_smollm2.yaml --bf16 true
+
 With `--geoguard_filter_fraction 0.5` the chats closest to the toxic features (the paper's mitigation;
 the `direct` score, cached) are dropped before training and listed in `<output_dir>/geoguard_dropped.jsonl`.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from datasets import load_dataset
@@ -30,7 +36,7 @@ from geoguard.corpora import rows_to_samples
 from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
 from geoguard.filtering import DropTopFraction, filter_dataset
 from geoguard.models import EMBEDDED_MODEL, load_model
-from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+from geoguard.monitor import DriftAlarm, GeoGuardCallback, load_probe_prompts
 from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
 from geoguard.scoring import ToxicScorer, score_dataset
 
@@ -62,6 +68,14 @@ class GuardedSFTArguments:
     geoguard_every_n_steps: int = field(
         default=5, metadata={"help": "Measure the probe drift every N optimizer steps."}
     )
+    geoguard_alarm_metric: str | None = field(
+        default=None,
+        metadata={"help": "Metric an alarm watches, e.g. geoguard/probe/drift_z (z-score) or geoguard/probe/drift."},
+    )
+    geoguard_alarm_threshold: float = field(default=4.0, metadata={"help": "The alarm fires above this value."})
+    geoguard_alarm_action: Literal["warn", "save", "stop"] = field(
+        default="warn", metadata={"help": "warn: log it; save: also save a checkpoint; stop: save and stop training."}
+    )
     geoguard_filter_fraction: float = field(
         default=0.0,
         metadata={
@@ -90,6 +104,15 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
         tokenizer,
         probe_samples=load_probe_prompts(script_args.geoguard_probe_path) if script_args.geoguard_probe_path else None,
         every_n_steps=script_args.geoguard_every_n_steps,
+        alarms=[
+            DriftAlarm(
+                script_args.geoguard_alarm_metric,
+                script_args.geoguard_alarm_threshold,
+                script_args.geoguard_alarm_action,
+            )
+        ]
+        if script_args.geoguard_alarm_metric
+        else [],
     )
 
     path = Path(script_args.dataset_path)

@@ -83,3 +83,21 @@ def test_example_filters_the_demo_mix_and_writes_the_audit(tmp_path):
     assert float(shares[0].rstrip(",")) > float(shares[2])  # the score drops more jailbroken chats than random removal
     assert len((tmp_path / "dropped.jsonl").read_text().splitlines()) == 64
     assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 64
+
+
+def test_recipe_on_two_processes_with_the_multi_gpu_config_stops_on_an_alarm(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/multi_gpu.yaml"]
+    launch += ["--num_processes", "2", "--mixed_precision", "no"]
+    recipe = ["recipes/sft_guarded.py", "--config", "recipes/configs/sft_guarded_smollm2.yaml"]
+    recipe += ["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "2"]
+    recipe += ["--max_length", "64", "--geoguard_every_n_steps", "1", "--geoguard_alarm_metric", "geoguard/probe/drift"]
+    recipe += ["--geoguard_alarm_threshold", "-1", "--geoguard_alarm_action", "stop"]
+    recipe += ["--use_cpu", "true"]  # on a machine without GPUs: 2 processes over gloo
+    _run(launch + recipe)
+    scalars = read_scalars(tmp_path / "runs")
+    assert [step for step, _ in scalars[PROBE_MEAN_ACT]] == [0, 1]  # the alarm at step 1 stopped training
+    assert [step for step, _ in scalars["geoguard/alarm/probe/drift>-1"]] == [1]
+    assert len(scalars["train/loss"]) == 1
+    assert (tmp_path / "checkpoint-1").is_dir()  # the stop action saved a checkpoint first
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
+    assert any("geoguard/alarm/probe/drift>-1" in entry for entry in state["log_history"])
