@@ -14,7 +14,7 @@ from geoguard.filtering import (
 )
 from geoguard.geometry import measure_geometry
 from geoguard.models import EMBEDDED_MODEL, load_model
-from geoguard.monitor import GeoGuardCallback, load_probe_prompts
+from geoguard.monitor import DriftAlarm, GeoGuardCallback, load_probe_prompts
 from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
 from geoguard.scoring import SampleScores, ScoreSettings, ToxicScorer, score_dataset
 
@@ -24,6 +24,7 @@ __all__ = [
     "EMBEDDED_MODEL",
     "EMBEDDED_SAE",
     "Contrast",
+    "DriftAlarm",
     "DropAbovePercentile",
     "DropAboveThreshold",
     "DropTopFraction",
