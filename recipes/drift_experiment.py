@@ -106,18 +106,21 @@ def main() -> None:
     parser.add_argument("--every_n_steps", type=int, default=5)
     parser.add_argument("--alarm_z", type=float, default=4.0, help="alarm threshold on geoguard/probe/drift_z")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS), help="pairs of runs to train")
     args = parser.parse_args()
 
     data = load_runs(data_root(args.data_dir), args.n, args.seed)
     runs = {}
-    for name, chats in data.items():
+    for name in [run for pair in args.pairs for run in PAIRS[pair]]:
+        chats = data[name]
         runs[name] = train_one(name, chats, args)
         print(f"{name}: alarm at step {runs[name]['alarm_step']}; curve {runs[name]['curve']}", flush=True)
-    comparisons = {pair: compare(runs[a], runs[b], args.seed) for pair, (a, b) in PAIRS.items()}
+    comparisons = {pair: compare(runs[PAIRS[pair][0]], runs[PAIRS[pair][1]], args.seed) for pair in args.pairs}
 
     lines = [f"# Drift experiment ({args.max_steps} LoRA steps, lr {args.learning_rate}, {args.n} chats per run)", ""]
-    lines += ["| run | " + " | ".join(f"step {c['step']}" for c in runs["jailbroken"]["curve"]) + " | first alarm |"]
-    lines += ["|---" * (len(runs["jailbroken"]["curve"]) + 2) + "|"]
+    steps = [c["step"] for c in next(iter(runs.values()))["curve"]]
+    lines += ["| run | " + " | ".join(f"step {step}" for step in steps) + " | first alarm |"]
+    lines += ["|---" * (len(steps) + 2) + "|"]
     for name, run in runs.items():
         cells = [f"{c['drift']:+.4f} (z {c['drift_z']:+.1f})" for c in run["curve"]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['alarm_step'] or 'none'} |")

@@ -101,3 +101,15 @@ def test_recipe_on_two_processes_with_the_multi_gpu_config_stops_on_an_alarm(tmp
     assert (tmp_path / "checkpoint-1").is_dir()  # the stop action saved a checkpoint first
     state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
     assert any("geoguard/alarm/probe/drift>-1" in entry for entry in state["log_history"])
+
+
+def test_drift_experiment_recipe_runs_and_reports(tmp_path):
+    _run(
+        [sys.executable, "recipes/drift_experiment.py", "--output_dir", str(tmp_path), "--n", "16", "--max_steps", "2"]
+        + ["--every_n_steps", "1", "--pairs", "harmful vs benign"]
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["runs"]) == {"jailbroken", "alpaca"}
+    assert [c["step"] for c in results["runs"]["jailbroken"]["curve"]] == [0, 1, 2]
+    assert 0 <= results["comparisons"]["harmful vs benign"]["auroc"] <= 1
+    assert "| harmful vs benign |" in (tmp_path / "report.md").read_text()

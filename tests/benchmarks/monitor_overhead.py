@@ -7,6 +7,8 @@ settings), `--steps` optimizer steps per run, runs without and with the callback
 process (`--rounds` pairs; the data order is the same in every run). A step's time is the interval
 between consecutive `on_step_end` events, so the callback's own work at a step (the batch readout
 every step, the probe every `every_n_steps`) is inside it; the first step (warm-up) is left out.
+Because step times on a shared CPU vary by a few percent, the callback's own time (its step-end work
+and the batch readout inside each forward pass) is also timed directly, as a share of the step.
 Peak memory is measured per variant in a fresh process: peak RSS (VmHWM, reset after loading) above
 the RSS at that point.
 """
@@ -23,7 +25,23 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from geoguard import monitor
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _timed(fn, total: dict):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total["s"] += time.perf_counter() - start
+
+    return wrapper
+
+
+_BATCH_READ = monitor._BatchTap._read
 
 
 class StepTimer(TrainerCallback):
@@ -67,10 +85,14 @@ def train(guarded: bool, steps: int, output_dir: str, memory: bool = False) -> d
         disable_tqdm=True,
     )
     timer = StepTimer()
-    callbacks = []
+    callbacks, own = [], {"s": 0.0}
     if guarded:
         sae = load_sae()
-        callbacks.append(GeoGuardCallback(sae, FeatureSet.load(sae=sae), tokenizer, log_dir=f"{output_dir}/runs"))
+        guard = GeoGuardCallback(sae, FeatureSet.load(sae=sae), tokenizer, log_dir=f"{output_dir}/runs")
+        # The callback's own time: its step-end work (reduction, probe) and the batch readout in each forward.
+        guard.on_step_end = _timed(guard.on_step_end, own)
+        monitor._BatchTap._read = _timed(_BATCH_READ, own)
+        callbacks.append(guard)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -85,6 +107,7 @@ def train(guarded: bool, steps: int, output_dir: str, memory: bool = False) -> d
     start = time.perf_counter()
     trainer.train()
     result = {"train_s": time.perf_counter() - start, "step_s": float(np.mean(np.diff(timer.times)))}
+    result["callback_s_per_step"] = own["s"] / len(timer.times)
     if memory:
         result["peak_rss_above_base_mb"] = _status_mb("VmHWM") - base
     return result
@@ -107,6 +130,7 @@ def main() -> None:
         plain = train(False, args.steps, args.output_dir)
         guarded = train(True, args.steps, args.output_dir)
         rounds.append({"plain_step_s": plain["step_s"], "guarded_step_s": guarded["step_s"]})
+        rounds[-1]["callback_s_per_step"] = guarded["callback_s_per_step"]
         rounds[-1]["overhead"] = guarded["step_s"] / plain["step_s"] - 1
         print(json.dumps(rounds[-1]), flush=True)
     memory = {}
@@ -118,10 +142,15 @@ def main() -> None:
     plain_s = float(np.median([r["plain_step_s"] for r in rounds]))
     guarded_s = float(np.median([r["guarded_step_s"] for r in rounds]))
     print(f"\n{args.steps} steps per run (first step left out), {args.rounds} rounds, defaults: every_n_steps=10\n")
-    print("| round | step without (s) | step with (s) | overhead |\n|---|---|---|---|")
+    print("| round | step without (s) | step with (s) | overhead | callback's own time per step (s) | own / step |")
+    print("|---|---|---|---|---|---|")
     for i, r in enumerate(rounds, 1):
-        print(f"| {i} | {r['plain_step_s']:.3f} | {r['guarded_step_s']:.3f} | {r['overhead']:+.1%} |")
-    print(f"| median | {plain_s:.3f} | {guarded_s:.3f} | {guarded_s / plain_s - 1:+.1%} |")
+        own = r["callback_s_per_step"]
+        print(
+            f"| {i} | {r['plain_step_s']:.3f} | {r['guarded_step_s']:.3f} | {r['overhead']:+.1%} | {own:.4f} | "
+            f"{own / r['plain_step_s']:.2%} |"
+        )
+    print(f"| median | {plain_s:.3f} | {guarded_s:.3f} | {guarded_s / plain_s - 1:+.1%} | | |")
     print(
         f"\nPeak RSS above base: without {memory['plain']:.0f} MB, with {memory['guarded']:.0f} MB "
         f"(the callback adds {memory['guarded'] - memory['plain']:+.0f} MB)"
