@@ -52,7 +52,9 @@ def main() -> None:
     trainer.train()
     for entry in trainer.state.log_history:
         if PROBE_DRIFT in entry:
-            print(f"step {entry['step']:>3}  toxic mean act {entry[PROBE_MEAN_ACT]:.4f}  drift {entry[PROBE_DRIFT]:+.4f}")
+            print(
+                f"step {entry['step']:>3}  toxic mean act {entry[PROBE_MEAN_ACT]:.4f}  drift {entry[PROBE_DRIFT]:+.4f}"
+            )
 
 
 if __name__ == "__main__":
