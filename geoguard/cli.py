@@ -198,6 +198,14 @@ def run_geometry(args: GeometryArguments, command: str = "") -> Path:
     return report
 
 
+_WRITERS = {
+    ".jsonl": lambda rows, path: rows.to_json(path, lines=True, force_ascii=False),
+    ".json": lambda rows, path: rows.to_json(path, lines=True, force_ascii=False),
+    ".csv": lambda rows, path: rows.to_csv(path, index=False),
+    ".parquet": lambda rows, path: rows.to_parquet(path),
+}
+
+
 @dataclass
 class ScoreArguments(ModelAndSAEArguments):
     data: str = field(
@@ -235,6 +243,10 @@ class ScoreArguments(ModelAndSAEArguments):
     def __post_init__(self):
         if not self.data or not self.output:
             raise ValueError("--data (the data set) and --output (where its rows are written) are required.")
+        if Path(self.output).suffix not in ("", *_WRITERS):
+            raise ValueError(
+                f"--output {self.output}: use a .jsonl, .json, .csv or .parquet file, or a folder name without a suffix."
+            )
 
 
 @dataclass
@@ -272,17 +284,21 @@ def _scorer(args: ScoreArguments) -> ToxicScorer:
     return ToxicScorer(model, tokenizer, sae, feature_set, settings, batch_size=args.batch_size)
 
 
-def _score(scorer: ToxicScorer, args: ScoreArguments, source: str) -> tuple[Dataset, SampleScores]:
+def _load(args: ScoreArguments, source: str) -> tuple[Dataset, list]:
+    """Rows and samples of `source`, read (and checked row by row) before any model is loaded."""
     rows = load_rows(source, split=args.split, max_samples=args.max_samples, seed=args.seed)
-    samples = rows_to_samples(rows, text_field=args.text_field, source=source)
+    return rows, rows_to_samples(rows, text_field=args.text_field, source=source)
+
+
+def _score(scorer: ToxicScorer, args: ScoreArguments, samples: list) -> SampleScores:
     cache = None if args.no_cache else (args.cache_dir or "default")
-    return rows, score_dataset(scorer, samples, cache=cache, chunk_size=args.chunk_size)
+    return score_dataset(scorer, samples, cache=cache, chunk_size=args.chunk_size)
 
 
 def run_score(args: ScoreArguments, command: str = "") -> SampleScores:
     """`geoguard score`: write the rows with `geoguard_score` and `geoguard_nearest` (top toxic feature ids) columns."""
-    scorer = _scorer(args)
-    rows, scores = _score(scorer, args, args.data)
+    rows, samples = _load(args, args.data)
+    scores = _score(_scorer(args), args, samples)
     if process_state().is_main_process:
         for column in (SCORE_COLUMN, NEAREST_COLUMN):
             if column in rows.column_names:
@@ -300,14 +316,16 @@ def run_score(args: ScoreArguments, command: str = "") -> SampleScores:
 
 def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
     """`geoguard filter`: score, apply the policy, write the kept rows and the audit file of dropped rows."""
+    rows, samples = _load(args, args.data)
+    reference = _load(args, args.reference)[1] if args.policy == "reference_percentile" else None
     scorer = _scorer(args)
-    rows, scores = _score(scorer, args, args.data)
+    scores = _score(scorer, args, samples)
     if args.policy == "top_fraction":
         policy = DropTopFraction(args.fraction)
     elif args.policy == "threshold":
         policy = DropAboveThreshold(args.threshold)
     else:
-        policy = DropAbovePercentile(_score(scorer, args, args.reference)[1].scores, args.percentile)
+        policy = DropAbovePercentile(_score(scorer, args, reference).scores, args.percentile)
     if not process_state().is_main_process:
         return None
     dropped = args.dropped or f"{args.output.removesuffix('/')}.dropped.jsonl"
@@ -322,18 +340,8 @@ def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
 
 def write_rows(rows: Dataset, path: str) -> None:
     """Write rows by the file suffix: .jsonl / .json (JSON lines), .csv, .parquet, or a `save_to_disk` folder."""
-    suffix = Path(path).suffix
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if suffix in (".jsonl", ".json"):
-        rows.to_json(path, lines=True, force_ascii=False)
-    elif suffix == ".csv":
-        rows.to_csv(path, index=False)
-    elif suffix == ".parquet":
-        rows.to_parquet(path)
-    elif suffix:
-        raise ValueError(f"Cannot write {path}: use .jsonl, .json, .csv, .parquet, or a folder name without a suffix.")
-    else:
-        rows.save_to_disk(path)
+    _WRITERS.get(Path(path).suffix, lambda rows, path: rows.save_to_disk(path))(rows, path)
 
 
 COMMANDS = {

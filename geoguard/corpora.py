@@ -92,6 +92,10 @@ def load_rows(
         if path.suffix not in _FILE_BUILDERS:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
         rows = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    elif path.suffix in _FILE_BUILDERS:  # looks like a file name, not a Hub data set
+        raise FileNotFoundError(
+            f"No file at {path}. Pass an existing data file, a save_to_disk folder or a Hub data set."
+        )
     elif path.is_dir():
         rows = load_from_disk(str(path))
         if isinstance(rows, DatasetDict):

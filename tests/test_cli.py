@@ -175,3 +175,12 @@ def test_score_and_filter_commands_write_scores_kept_rows_and_the_audit(local_mo
 def test_filter_command_names_a_missing_policy_value(tmp_path):
     with pytest.raises(ValueError, match="--policy threshold needs --threshold"):
         main(["filter", "--data", "x.jsonl", "--output", str(tmp_path / "k.jsonl"), "--policy", "threshold"])
+
+
+def test_score_command_rejects_a_missing_file_and_a_bad_output_before_loading_a_model(tmp_path):
+    no_model = ["--model", str(tmp_path / "no-model")]
+    with pytest.raises(FileNotFoundError, match="No file at .*missing.jsonl"):
+        # A model that does not exist either: the data error must come first.
+        main(["score", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "s.jsonl")] + no_model)
+    with pytest.raises(ValueError, match="--output .*scores.txt: use a .jsonl"):
+        main(["score", "--data", "train.jsonl", "--output", str(tmp_path / "scores.txt")])
