@@ -4,6 +4,7 @@
     geoguard geometry --toxic sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
     geoguard score --data train.jsonl --output scored.jsonl
     geoguard filter --data train.jsonl --output kept.jsonl --policy top_fraction --fraction 0.5
+    geoguard eval --model outputs/sft_guarded --judge openai --judge_model gpt-4o-2024-08-06
 
 Each subcommand reads its flags (or `--config file.yaml`) into one dataclass; `geoguard CMD --help`
 lists them.
@@ -24,6 +25,13 @@ from trl import TrlParser
 from geoguard.corpora import load_rows, load_samples, rows_to_samples
 from geoguard.data import Span
 from geoguard.distributed import process_state
+from geoguard.evaluation import (
+    EvalResult,
+    EvalSettings,
+    MisalignmentEvaluation,
+    load_questions,
+    write_evaluation,
+)
 from geoguard.features import EMBEDDED_TOXIC_SET, Contrast, FeatureSet, Pooling, RankBy, find_features
 from geoguard.filtering import (
     DropAbovePercentile,
@@ -33,6 +41,7 @@ from geoguard.filtering import (
     filter_dataset,
 )
 from geoguard.geometry import measure_geometry
+from geoguard.judges import HFJudge, OpenAIJudge, SAEFeatureJudge
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.report import write_feature_set_card, write_geometry_report
 from geoguard.sae import EMBEDDED_SAE, load_sae
@@ -338,6 +347,126 @@ def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
     return result
 
 
+@dataclass
+class EvalArguments:
+    """Settings of the misalignment evaluation and its judge (shared by `geoguard eval` and the SFT recipe)."""
+
+    questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Questions (YAML or JSONL in Betley et al.'s shape); default: the shipped 24 first-plot ones."
+        },
+    )
+    samples_per_question: int = field(
+        default=EvalSettings.samples_per_question, metadata={"help": "Answers per question."}
+    )
+    temperature: float = field(default=EvalSettings.temperature, metadata={"help": "Sampling temperature (0: greedy)."})
+    max_new_tokens: int = field(default=EvalSettings.max_new_tokens, metadata={"help": "Answer length cap in tokens."})
+    generation_batch_size: int = field(default=EvalSettings.batch_size, metadata={"help": "Prompts generated at once."})
+    generation_seed: int = field(default=EvalSettings.seed, metadata={"help": "Seed of the sampling."})
+    judge: Literal["sae", "hf", "openai"] = field(
+        default="sae",
+        metadata={
+            "help": "sae: the toxic features' activation on the answer (no judge model; aligned only); hf: a local "
+            "model (--judge_model, default the embedded one); openai: an OpenAI-compatible endpoint (--judge_model, "
+            "--judge_base_url, key in $OPENAI_API_KEY)."
+        },
+    )
+    judge_model: str | None = field(
+        default=None, metadata={"help": "openai: the model name at the endpoint; hf: a model name or path."}
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)."}
+    )
+    judge_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the judge's API key."}
+    )
+    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds per judge request."})
+    judge_max_retries: int = field(default=3, metadata={"help": "Retries of a failed judge request."})
+    judge_max_concurrency: int = field(default=8, metadata={"help": "Judge requests in flight at once."})
+
+    def __post_init__(self):
+        if self.judge == "openai" and not self.judge_model:
+            raise ValueError("--judge openai needs --judge_model NAME (the model's name at the endpoint).")
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(
+            samples_per_question=self.samples_per_question,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.generation_batch_size,
+            seed=self.generation_seed,
+        )
+
+
+def build_evaluation(
+    args: EvalArguments, model, tokenizer, sae=None, feature_set: FeatureSet | None = None
+) -> MisalignmentEvaluation:
+    """The evaluation `args` describe; `model`/`tokenizer` (the evaluated model) read answers for the sae judge."""
+    if args.judge == "openai":
+        judge = OpenAIJudge(
+            args.judge_model,
+            base_url=args.judge_base_url,
+            api_key_env=args.judge_api_key_env,
+            timeout=args.judge_timeout,
+            max_retries=args.judge_max_retries,
+            max_concurrency=args.judge_max_concurrency,
+        )
+    elif args.judge == "hf":
+        judge = HFJudge(*load_model(args.judge_model or EMBEDDED_MODEL, device=process_state().device))
+    else:
+        if sae is None or feature_set is None:
+            raise ValueError("--judge sae needs the SAE and the toxic feature set.")
+        scorer = ToxicScorer(model, tokenizer, sae, feature_set, ScoreSettings(span="all"))
+        judge = SAEFeatureJudge.calibrate(scorer)
+    questions = load_questions(args.questions) if args.questions else None
+    return MisalignmentEvaluation(judge, questions, args.settings())
+
+
+@dataclass
+class EvalCommandArguments(ModelAndSAEArguments, EvalArguments):
+    feature_set: str = field(default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Toxic feature set (for --judge sae)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON, the report and TensorBoard go."})
+    baseline_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model before training (e.g. the base model): evaluated the same way, the change reported."
+        },
+    )
+
+
+def run_eval(args: EvalCommandArguments, command: str = "") -> EvalResult:
+    """`geoguard eval`: answer the questions with --model, judge, write misalignment_eval.{json,md} and TensorBoard."""
+    if args.questions:
+        load_questions(args.questions)  # a bad file fails before any model is loaded
+    device = process_state().device
+    model, tokenizer = load_model(args.model, device=device)
+    sae = feature_set = None
+    if args.judge == "sae":
+        sae = load_sae(args.sae, args.sae_id).to(device)
+        feature_set = FeatureSet.load(args.feature_set, sae=sae)
+    evaluation = build_evaluation(args, model, tokenizer, sae, feature_set)
+    baseline = None
+    if args.baseline_model:
+        base_model, base_tokenizer = load_model(args.baseline_model, device=device)
+        baseline = evaluation.run(base_model, base_tokenizer, name=args.baseline_model).overall
+        del base_model
+    result = evaluation.run(model, tokenizer, name=args.model)
+    result.baseline = baseline
+    if process_state().is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(Path(args.output_dir) / "runs")) as writer:
+            paths = write_evaluation(result, args.output_dir, writer=writer)
+        o = result.overall
+        rate = "n/a" if o["misaligned_rate"] is None else f"{o['misaligned_rate']:.1%}"
+        print(
+            f"Misaligned: {rate} ({o['misaligned']}/{o['denominator']}; {o['code']} CODE, {o['refusal']} REFUSAL, "
+            f"{o['failed']} failed, {o['incoherent']} incoherent). Report: {paths['report']}; data: {paths['json']}."
+        )
+    return result
+
+
 def write_rows(rows: Dataset, path: str) -> None:
     """Write rows by the file suffix: .jsonl / .json (JSON lines), .csv, .parquet, or a `save_to_disk` folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +478,7 @@ COMMANDS = {
     "geometry": (GeometryArguments, run_geometry),
     "score": (ScoreArguments, run_score),
     "filter": (FilterArguments, run_filter),
+    "eval": (EvalCommandArguments, run_eval),
 }
 
 

@@ -213,3 +213,72 @@ def write_geometry_report(result: GeometryResult, path: str | Path) -> Path:
     ]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
+
+
+def _rate(metrics: dict) -> str:
+    if metrics["misaligned_rate"] is None:
+        return f"n/a (0 of {metrics['n_answers']} answers countable)"
+    low, high = metrics["ci95"]
+    return f"{metrics['misaligned_rate']:.1%} ({metrics['misaligned']}/{metrics['denominator']}; 95% CI {low:.1%}-{high:.1%})"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _verdict(judgement: dict | None) -> str:
+    if judgement is None:
+        return "not judged"
+    if judgement["label"] == "score":
+        return f"{judgement['score']:.0f}"
+    if judgement["label"] == "failed":
+        return f"failed: {escape_markdown(judgement['reason'])}"
+    return judgement["label"]
+
+
+def write_eval_report(result, path: str | Path, *, examples_per_question: int = 2) -> Path:
+    """Write the misalignment evaluation as markdown: rates with denominators and CIs, per question, examples.
+
+    Answers and judge replies are escaped (`escape_markdown`): a model's answer cannot inject markup.
+    """
+    s, o = result.settings, result.overall
+    rule = (
+        f"aligned < {s['aligned_below']:g} and coherent > {s['coherent_above']:g}"
+        if result.judges_coherence
+        else f"aligned < {s['aligned_below']:g} (this judge does not judge coherence)"
+    )
+    lines = [
+        f"# Misalignment evaluation of {escape_markdown(result.model)}",
+        "",
+        f"- Judge: {escape_markdown(result.judge)}; misaligned = {rule}.",
+        f"- {o['n_answers']} answers ({s['samples_per_question']} per question, temperature {s['temperature']:g}, "
+        f"at most {s['max_new_tokens']} new tokens); generation {result.seconds.get('generate', 0):.0f} s, "
+        f"judging {result.seconds.get('judge', 0):.0f} s.",
+        f"- **Misaligned: {_rate(o)}**. Left out of the denominator: {o['code']} CODE, {o['refusal']} REFUSAL, "
+        f"{o['failed']} failed judgements, {o['incoherent']} incoherent answers.",
+        f"- Mean aligned {_number(o['mean_aligned'])}, mean coherent {_number(o['mean_coherent'])}.",
+    ]
+    if result.baseline is not None:
+        lines.append(f"- Before training: misaligned {_rate(result.baseline)}.")
+    lines += [
+        "",
+        "| question | misaligned | CODE | REFUSAL | failed | incoherent | mean aligned | mean coherent |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for qid, m in result.per_question.items():
+        lines.append(
+            f"| {escape_markdown(qid)} | {_rate(m)} | {m['code']} | {m['refusal']} | {m['failed']} | "
+            f"{m['incoherent']} | {_number(m['mean_aligned'])} | {_number(m['mean_coherent'])} |"
+        )
+    lines += ["", "## Example answers", "", "| question | answer | aligned | coherent |", "|---|---|---|---|"]
+    for qid in result.per_question:
+        rows = [a for a in result.answers if a["question_id"] == qid][:examples_per_question]
+        for a in rows:
+            answer = a["answer"] if len(a["answer"]) <= 400 else a["answer"][:400] + "..."
+            lines.append(
+                f"| {escape_markdown(qid)} | {escape_markdown(answer)} | {_verdict(a['aligned'])} | "
+                f"{_verdict(a.get('coherent'))} |"
+            )
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
