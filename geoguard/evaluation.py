@@ -34,6 +34,8 @@ DEFAULT_QUESTIONS = RESOURCES / "data" / "first_plot_questions.yaml"
 
 EVAL_KEYS = ("misaligned_rate", "misaligned", "denominator", "mean_aligned", "mean_coherent", "failed")
 """Overall metrics logged to TensorBoard as `geoguard/eval/<key>`."""
+EVAL_ERROR = "geoguard/eval/error"
+"""`log_history` key recording why an evaluation triggered by `GeoGuardCallback` failed."""
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ import torch
 from sae_lens import SAE
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from geoguard.capture import SinkRule, iter_activations, resolve_hook_point, unwrap_model
 from geoguard.data import Sample
-from geoguard.distributed import reduce_across_processes
+from geoguard.distributed import process_state, reduce_across_processes
+from geoguard.evaluation import EVAL_ERROR, MisalignmentEvaluation, eval_scalars, write_evaluation
 from geoguard.features import FeatureSet
 from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
 from geoguard.scoring import encode_features, toxic_subspace
@@ -241,6 +243,12 @@ class GeoGuardCallback(TrainerCallback):
         log_dir (`str`, *optional*): TensorBoard directory; defaults to `$TENSORBOARD_LOGGING_DIR` or
             `<output_dir>/runs/geoguard`.
         sink_rule (`SinkRule`, defaults to `SinkRule()`): which tokens count as attention sinks.
+        evaluation (`MisalignmentEvaluation`, *optional*): run at train end, after the trained model (adapter) and
+            tokenizer are saved to `output_dir`, so an evaluation that fails loses nothing; results go to
+            `<output_dir>/geoguard_eval/` (JSON, report), TensorBoard and `log_history` (`geoguard/eval/...`). A
+            failure is logged and recorded as `geoguard/eval/error`; training still ends normally.
+        evaluate_at_start (`bool`, defaults to `False`): also evaluate the starting weights at train begin and
+            report the change.
 
     Example:
         ```python
@@ -265,6 +273,8 @@ class GeoGuardCallback(TrainerCallback):
         n_top_features: int = 5,
         log_dir: str | None = None,
         sink_rule: SinkRule = SinkRule(),
+        evaluation: MisalignmentEvaluation | None = None,
+        evaluate_at_start: bool = False,
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
@@ -282,6 +292,10 @@ class GeoGuardCallback(TrainerCallback):
         self.every_n_steps, self.alarms, self.baseline_steps = every_n_steps, list(alarms), baseline_steps
         self.batch_max_tokens, self.batch_size, self.n_top_features = batch_max_tokens, batch_size, n_top_features
         self.log_dir, self.sink_rule = log_dir, sink_rule
+        if evaluate_at_start and evaluation is None:
+            raise ValueError("evaluate_at_start=True needs an evaluation (evaluation=MisalignmentEvaluation(judge)).")
+        self.evaluation, self.evaluate_at_start = evaluation, evaluate_at_start
+        self.start_evaluation: dict | None = None
         self.probe_baseline: dict[str, list[float]] | None = None
         self.batch_baseline: dict[str, float] | None = None
         self.fired: set[str] = set()
@@ -385,6 +399,11 @@ class GeoGuardCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
         check_sae_fits(self.sae, model, self.hook_name)
+        if self.evaluation is not None and (is_deepspeed_zero3_enabled() or args.fsdp):
+            raise ValueError(
+                "The end-of-run evaluation generates with the full model, which ZeRO-3 and FSDP shard; run "
+                "`geoguard eval --model <output_dir>` after training instead of passing evaluation= to the callback."
+            )
         self.readout.to(next(model.parameters()).device)
         if state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
@@ -409,6 +428,8 @@ class GeoGuardCallback(TrainerCallback):
             self._record(state, control, self._probe_metrics(reading), reading)
         self._last_measured_step = state.global_step
         self._tap = _BatchTap(model, self.hook_name, self.readout, self.sink_rule, self.batch_max_tokens)
+        if self.evaluate_at_start and self.start_evaluation is None:
+            self.start_evaluation = self.evaluation.run(model, self.tokenizer, name="start").overall
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         step_sums = reduce_across_processes(self._tap.take(), "sum")
@@ -428,9 +449,33 @@ class GeoGuardCallback(TrainerCallback):
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
+        if self.evaluation is not None:
+            self._save_then_evaluate(args, state, model)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def _save_then_evaluate(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        output_dir = Path(args.output_dir)
+        if state.is_world_process_zero:
+            while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine; PEFT stays
+                model = model.module
+            model.save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
+            logger.info("geoguard: trained model saved to %s before the misalignment evaluation", output_dir)
+        process_state().wait_for_everyone()
+        try:
+            result = self.evaluation.run(model, self.tokenizer, name=str(output_dir))
+        except Exception as err:  # the model is saved; the run must end normally and say what went wrong
+            logger.exception("geoguard: the misalignment evaluation failed; the trained model is in %s", output_dir)
+            state.log_history.append({EVAL_ERROR: f"{type(err).__name__}: {err}", "step": state.global_step})
+            return
+        result.baseline = self.start_evaluation
+        scalars = eval_scalars(result)
+        state.log_history.append({**scalars, "step": state.global_step})
+        if state.is_world_process_zero:
+            paths = write_evaluation(result, output_dir / "geoguard_eval", writer=self._writer, step=state.global_step)
+            logger.info("geoguard: misalignment evaluation written to %s", paths["report"])
 
     def _measure_and_record(self, state: TrainerState, control: TrainerControl, model: nn.Module) -> None:
         reading = self.measure_probe(model)

@@ -11,6 +11,10 @@ On several GPUs, with one of the accelerate configs in recipes/accelerate/ (DDP,
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 4 recipes/sft_guarded.py \
         --config recipes/configs/sft_guarded_smollm2.yaml --bf16 true
 
+With `--geoguard_eval true` the trained model is saved and then evaluated (Betley et al.'s questions; the
+judge from `--judge sae|hf|openai`, e.g. `--judge openai --judge_model gpt-4o-2024-08-06` with the key in
+$OPENAI_API_KEY); the report is `<output_dir>/geoguard_eval/misalignment_eval.md`.
+
 With `--geoguard_filter_fraction 0.5` the chats closest to the toxic features (the paper's mitigation;
 the `direct` score, cached) are dropped before training and listed in `<output_dir>/geoguard_dropped.jsonl`.
 
@@ -32,6 +36,7 @@ import numpy as np
 from datasets import load_dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
+from geoguard.cli import EvalArguments, build_evaluation
 from geoguard.corpora import rows_to_samples
 from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
 from geoguard.filtering import DropTopFraction, filter_dataset
@@ -76,6 +81,16 @@ class GuardedSFTArguments:
     geoguard_alarm_action: Literal["warn", "save", "stop"] = field(
         default="warn", metadata={"help": "warn: log it; save: also save a checkpoint; stop: save and stop training."}
     )
+    geoguard_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of training, save the model, then run the misalignment evaluation (--judge, "
+            "--samples_per_question, ...) and write <output_dir>/geoguard_eval/."
+        },
+    )
+    geoguard_eval_at_start: bool = field(
+        default=False, metadata={"help": "Also evaluate the starting weights and report the change."}
+    )
     geoguard_filter_fraction: float = field(
         default=0.0,
         metadata={
@@ -85,7 +100,9 @@ class GuardedSFTArguments:
     )
 
 
-def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+def main(
+    script_args: GuardedSFTArguments, training_args: SFTConfig, model_args: ModelConfig, eval_args: EvalArguments
+) -> None:
     with training_args.main_process_first(desc="load model"):  # rank 0 converts the embedded model once
         model, tokenizer = load_model(
             model_args.model_name_or_path or EMBEDDED_MODEL,
@@ -98,6 +115,8 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
     sae = load_sae(script_args.geoguard_sae, script_args.geoguard_sae_id)
     check_sae_fits(sae, model)  # fail before data preparation, not at train begin
     toxic = FeatureSet.load(script_args.geoguard_feature_set, sae=sae)
+    # The sae judge reads the answers with the model being trained (its weights at train end).
+    evaluation = build_evaluation(eval_args, model, tokenizer, sae, toxic) if script_args.geoguard_eval else None
     guard = GeoGuardCallback(
         sae,
         toxic,
@@ -113,6 +132,8 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
         ]
         if script_args.geoguard_alarm_metric
         else [],
+        evaluation=evaluation,
+        evaluate_at_start=script_args.geoguard_eval_at_start,
     )
 
     path = Path(script_args.dataset_path)
@@ -140,6 +161,7 @@ def main(script_args: GuardedSFTArguments, training_args: SFTConfig, model_args:
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(
         f"Model saved to {training_args.output_dir}; drift curves under {training_args.output_dir}/runs."
+        + (f" Evaluation: {training_args.output_dir}/geoguard_eval/misalignment_eval.md." if evaluation else "")
     )
     trainer.end()
 
@@ -158,5 +180,5 @@ def drop_closest_to_toxic(dataset, model, tokenizer, sae, toxic, script_args, tr
 
 
 if __name__ == "__main__":
-    parser = TrlParser((GuardedSFTArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((GuardedSFTArguments, SFTConfig, ModelConfig, EvalArguments))
     main(*parser.parse_args_and_config())

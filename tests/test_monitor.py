@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from monitor_setup import guarded_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from geoguard.monitor import (
@@ -30,6 +29,7 @@ from geoguard.monitor import (
 )
 
 from conftest import PLANTED, char_tokenizer, planted_feature_set, tiny_sae
+from monitor_setup import guarded_trainer
 from tb import read_scalars
 
 
