@@ -376,6 +376,24 @@ class HFJudge:
                 raise ValueError(f"The judge tokenizer merges the answer {candidate!r} into its chat template.")
             ids.append(full[len(base) :])
         self._candidate_ids = ids
+        # The candidates' tokens as a trie: each node is one token after its parent's path (-1: the prompt).
+        self._node_tokens, self._node_parent, self._node_depth, self._candidate_node = [], [], [], []
+        index: dict[tuple[int, ...], int] = {}
+        for candidate_ids in ids:
+            for depth in range(len(candidate_ids)):
+                prefix = tuple(candidate_ids[: depth + 1])
+                if prefix not in index:
+                    index[prefix] = len(self._node_tokens)
+                    self._node_tokens.append(prefix[-1])
+                    self._node_parent.append(index[prefix[:-1]] if depth else -1)
+                    self._node_depth.append(depth)
+            self._candidate_node.append(index[tuple(candidate_ids)])
+        n_nodes = len(self._node_tokens)
+        self._node_sees = torch.eye(n_nodes, dtype=torch.bool)
+        for node in range(n_nodes):
+            parent = self._node_parent[node]
+            if parent >= 0:
+                self._node_sees[node] |= self._node_sees[parent]
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         decoded = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
         self._continues_number = torch.tensor([bool(d) and d[0].isdigit() for d in decoded])
@@ -402,37 +420,42 @@ class HFJudge:
     def distribution(self, request: JudgeRequest) -> tuple[dict[int, float], dict[str, float]]:
         """The judge's probability of answering each number 0-100 (and then stopping), CODE and REFUSAL."""
         device = next(self.model.parameters()).device
-        prompt = self.tokenizer(self._render(request.prompt()), add_special_tokens=False, return_tensors="pt")
-        out = self.model(input_ids=prompt.input_ids.to(device), use_cache=True)
-        first = out.logits[0, -1].float().log_softmax(-1)  # (vocab,)
-        n, width = len(self._candidate_ids), max(len(c) for c in self._candidate_ids)
-        pad = self.tokenizer.pad_token_id or 0
-        cand = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros(n, width, dtype=torch.long)
-        for row, ids in enumerate(self._candidate_ids):
-            cand[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        length = prompt.input_ids.shape[1]
-        logits = self.model(
-            input_ids=cand.to(device),
-            attention_mask=torch.cat([torch.ones(n, length, dtype=torch.long), mask], dim=1).to(device),
-            past_key_values=cache,
-            use_cache=False,
-        ).logits.float()  # (n, width, vocab): right padding leaves the real tokens' positions untouched
-        log_probs = torch.cat([first.expand(n, 1, -1), logits[:, :-1].log_softmax(-1)], dim=1)
-        token_lp = log_probs.gather(2, cand.to(device).unsqueeze(-1)).squeeze(-1) * mask.to(device)
-        sequence_lp = token_lp.sum(1)  # (n,)
+        prompt = self.tokenizer(self._render(request.prompt()), add_special_tokens=False).input_ids
+        length, n_nodes = len(prompt), len(self._node_tokens)
+        # One forward pass over the prompt followed by every trie node; a node sees the prompt and its ancestors.
+        visible = torch.zeros(length + n_nodes, length + n_nodes, dtype=torch.bool)
+        visible[:length, :length] = torch.ones(length, length, dtype=torch.bool).tril()
+        visible[length:, :length] = True
+        visible[length:, length:] = self._node_sees
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+        logits = (
+            self.model(
+                input_ids=torch.tensor([prompt + self._node_tokens], device=device),
+                attention_mask=mask[None, None].to(device),  # (1, 1, query, key): a tree, not a causal triangle
+                position_ids=torch.tensor(
+                    [list(range(length)) + [length + d for d in self._node_depth]], device=device
+                ),
+            )
+            .logits[0, length - 1 :]
+            .float()
+        )  # row 0: after the prompt; row 1 + i: after node i
+        log_probs = logits.log_softmax(-1)  # (1 + nodes, vocab)
+        parent_row = torch.tensor([p + 1 for p in self._node_parent], device=device)
+        tokens = torch.tensor(self._node_tokens, device=device)
+        step = log_probs[parent_row, tokens]  # (nodes,) log P(node's token | its prefix)
+        path = torch.zeros(n_nodes, device=device)
+        for node in range(n_nodes):  # parents come before children
+            parent = self._node_parent[node]
+            path[node] = step[node] + (path[parent] if parent >= 0 else 0.0)
+        p_continue = log_probs[1:].exp()[:, self._continues_number.to(device)].sum(-1)  # (nodes,)
         numbers, special = {}, {}
-        continues = self._continues_number.to(device)
-        for row, candidate in enumerate(self.candidates):
+        for candidate, node in zip(self.candidates, self._candidate_node, strict=True):
+            p = path[node].exp().item()
             if candidate.isdigit():
-                last = len(self._candidate_ids[row]) - 1
-                next_lp = logits[row, last].log_softmax(-1)
-                p_end = 1.0 - next_lp[continues[: next_lp.shape[0]]].exp().sum().item()
-                numbers[int(candidate)] = math.exp(sequence_lp[row].item()) * max(p_end, 0.0)
+                numbers[int(candidate)] = p * max(1.0 - p_continue[node].item(), 0.0)
             else:
-                special[candidate] = math.exp(sequence_lp[row].item())
+                special[candidate] = p
         return numbers, special
 
 
