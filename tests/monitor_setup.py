@@ -34,6 +34,7 @@ def guarded_trainer(
     """A Trainer on the tiny Llama with a guard on its planted SAE (read at `hook_name` if given); returns
     `(trainer, guard)`."""
     tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # for the evaluation
     model = tiny_llama().train()
     sae = planted_sae(model, align_decoder=True)
     if hook_name is not None:
