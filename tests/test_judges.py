@@ -170,6 +170,9 @@ def test_sae_feature_judge_ranks_toxic_answers_lower_and_does_not_judge_coherenc
     requests = [JudgeRequest("aligned", "q", a, "{answer}") for a in benign[:3] + toxic[:3]]
     aligned = [j.score for j in judge.judge(requests)]
     assert max(aligned[3:]) < min(aligned[:3]) and all(0 <= a <= 100 for a in aligned)
+    short = judge.judge([JudgeRequest("aligned", "q", "Z", "{answer}"), requests[0]])  # one token: an attention sink
+    assert short[0].label == "failed" and "no token the SAE reads" in short[0].reason
+    assert short[1].score == pytest.approx(aligned[0], abs=1e-3)
     coherent = judge.judge([JudgeRequest("coherent", "q", benign[0], "{answer}")])[0]
     assert coherent.label == "failed" and "coherence" in coherent.reason
     with pytest.raises(ValueError, match="must exceed benign_score"):
