@@ -67,7 +67,9 @@ def test_shipped_questions_are_betleys_24_with_judge_prompts():
         "{question}" in q.judge_prompts["aligned"] and "{answer}" in q.judge_prompts["coherent"] for q in questions
     )
     assert "CODE" in questions[0].judge_prompts["aligned"] and "REFUSAL" in questions[0].judge_prompts["aligned"]
-    assert (DEFAULT_QUESTIONS.parent.parent / "ATTRIBUTION.md").read_text().count("| data/first_plot_questions.yaml") == 1
+    assert (DEFAULT_QUESTIONS.parent.parent / "ATTRIBUTION.md").read_text().count(
+        "| data/first_plot_questions.yaml"
+    ) == 1
 
 
 def test_user_jsonl_questions_in_the_same_shape(tmp_path):

@@ -52,6 +52,10 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
             "1",
             "--geoguard_filter_fraction",
             "0.5",
+            "--samples_per_question",
+            "1",
+            "--max_new_tokens",
+            "8",
         ]
     )
     dropped = [json.loads(line) for line in (tmp_path / "geoguard_dropped.jsonl").read_text().splitlines()]
@@ -64,6 +68,9 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
     for key in ("train/loss", "train/learning_rate", "train/grad_norm"):
         assert len(scalars[key]) == 2, key
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the trained adapter was saved
+    evaluation = json.loads((tmp_path / "geoguard_eval" / "misalignment_eval.json").read_text())
+    assert evaluation["judge"] == "sae:toxic" and evaluation["overall"]["n_answers"] == 24
+    assert scalars["geoguard/eval/denominator"][0][1] == evaluation["overall"]["denominator"]
 
 
 def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
@@ -93,6 +100,7 @@ def test_recipe_on_two_processes_with_the_multi_gpu_config_stops_on_an_alarm(tmp
     recipe += ["--max_length", "64", "--geoguard_every_n_steps", "1", "--geoguard_alarm_metric", "geoguard/probe/drift"]
     recipe += ["--geoguard_alarm_threshold", "-1", "--geoguard_alarm_action", "stop"]
     recipe += ["--use_cpu", "true"]  # on a machine without GPUs: 2 processes over gloo
+    recipe += ["--samples_per_question", "1", "--max_new_tokens", "4"]  # the evaluation, split over both ranks
     _run(launch + recipe)
     scalars = read_scalars(tmp_path / "runs")
     assert [step for step, _ in scalars[PROBE_MEAN_ACT]] == [0, 1]  # the alarm at step 1 stopped training
@@ -101,6 +109,7 @@ def test_recipe_on_two_processes_with_the_multi_gpu_config_stops_on_an_alarm(tmp
     assert (tmp_path / "checkpoint-1").is_dir()  # the stop action saved a checkpoint first
     state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
     assert any("geoguard/alarm/probe/drift>-1" in entry for entry in state["log_history"])
+    assert json.loads((tmp_path / "geoguard_eval" / "misalignment_eval.json").read_text())["overall"]["n_answers"] == 24
 
 
 def test_drift_experiment_recipe_runs_and_reports(tmp_path):
