@@ -3,6 +3,7 @@
 from geoguard.capture import HookPoint, SinkRule, capture, iter_activations, resolve_hook_point, run_to_hook
 from geoguard.collator import GeoGuardCollator
 from geoguard.corpora import load_rows, load_samples
+from geoguard.evaluation import EvalSettings, MisalignmentEvaluation, load_questions, write_evaluation
 from geoguard.features import Contrast, FeatureSet, find_features
 from geoguard.filtering import (
     DropAbovePercentile,
@@ -13,6 +14,7 @@ from geoguard.filtering import (
     random_scores,
 )
 from geoguard.geometry import measure_geometry
+from geoguard.judges import HFJudge, Judgement, JudgeRequest, OpenAIJudge, SAEFeatureJudge
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import DriftAlarm, GeoGuardCallback, load_probe_prompts
 from geoguard.sae import EMBEDDED_SAE, check_sae_fits, load_sae
@@ -21,17 +23,24 @@ from geoguard.scoring import SampleScores, ScoreSettings, ToxicScorer, score_dat
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMBEDDED_MODEL",
-    "EMBEDDED_SAE",
     "Contrast",
     "DriftAlarm",
     "DropAbovePercentile",
     "DropAboveThreshold",
     "DropTopFraction",
+    "EMBEDDED_MODEL",
+    "EMBEDDED_SAE",
+    "EvalSettings",
     "FeatureSet",
     "GeoGuardCallback",
     "GeoGuardCollator",
+    "HFJudge",
     "HookPoint",
+    "JudgeRequest",
+    "Judgement",
+    "MisalignmentEvaluation",
+    "OpenAIJudge",
+    "SAEFeatureJudge",
     "SampleScores",
     "ScoreSettings",
     "SinkRule",
@@ -44,6 +53,7 @@ __all__ = [
     "judge_scores",
     "load_model",
     "load_probe_prompts",
+    "load_questions",
     "load_rows",
     "load_sae",
     "load_samples",
@@ -52,4 +62,5 @@ __all__ = [
     "resolve_hook_point",
     "run_to_hook",
     "score_dataset",
+    "write_evaluation",
 ]

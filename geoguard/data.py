@@ -69,11 +69,11 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
             )
         if messages[-1]["role"] != "assistant":
             # No answer yet: all prompt, ending where the model would start answering.
-            full = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+            full = chat_ids(tokenizer, messages, add_generation_prompt=True)
             prompt_len = len(full)
         else:
-            full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
-            prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+            full = chat_ids(tokenizer, messages, add_generation_prompt=False)
+            prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
             prompt_len = _common_prefix(prompt, full)
             # One differing token is the tokenizer merging the generation prompt's last token with the
             # answer's first (e.g. "\n" + " you"); that token counts as response. More is a template quirk.
@@ -141,7 +141,8 @@ def _is_message(message: object) -> bool:
     )
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     # transformers 5 returns a BatchEncoding, 4.x a list of ids.
     return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from geoguard.capture import unwrap_model
+from geoguard.data import chat_ids
 from geoguard.distributed import process_state
 from geoguard.judges import Judge, Judgement, JudgeRequest
 from geoguard.sae import RESOURCES
@@ -186,11 +187,7 @@ def generate_answers(
             torch.manual_seed(settings.seed + state.process_index)
             for start in range(0, len(prompts), settings.batch_size):
                 batch = prompts[start : start + settings.batch_size]
-                ids = [
-                    tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True, tokenize=True)
-                    for p in batch
-                ]
-                ids = [i["input_ids"] if isinstance(i, dict) or hasattr(i, "keys") else i for i in ids]
+                ids = [chat_ids(tokenizer, _messages(p), add_generation_prompt=True) for p in batch]
                 width = max(len(i) for i in ids)
                 input_ids = torch.tensor([[pad] * (width - len(i)) + list(i) for i in ids], device=device)
                 attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
