@@ -172,6 +172,8 @@ def numbers_from_top_logprobs(
     generated_digits = ""
     for token, _ in steps:
         piece = token.strip() if not generated_digits else token
+        if not generated_digits and not piece:
+            continue
         if not piece.isdigit():
             break
         generated_digits += piece
@@ -200,6 +202,9 @@ def numbers_from_top_logprobs(
             elif prefix:  # the number ends here
                 add(int(prefix), p)
         p_token = p_prefix * math.exp(dict(alternatives).get(token, -math.inf))
+        if not prefix and not token_piece:  # leading whitespace before the answer
+            p_prefix = p_token
+            continue
         if not token_piece.isdigit():
             if prefix:
                 add(int(prefix), p_token)
@@ -315,7 +320,13 @@ class OpenAIJudge:
         content = getattr(choice.logprobs, "content", None) if logprobs else None
         if content:
             try:
-                steps = [(t.token, [(a.token, a.logprob) for a in t.top_logprobs or [t]]) for t in content]
+                steps = [
+                    (
+                        t.token,
+                        [(t.token, t.logprob)] + [(a.token, a.logprob) for a in t.top_logprobs if a.token != t.token],
+                    )
+                    for t in content
+                ]
             except (AttributeError, TypeError):
                 steps = []
             judgement = judgement_from_distribution(*numbers_from_top_logprobs(steps), request.metric, raw=text)

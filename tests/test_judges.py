@@ -116,6 +116,13 @@ def test_leading_space_and_special_answers():
     assert judgement_from_distribution(numbers, special, "coherent").score == pytest.approx(20)
 
 
+def test_leading_whitespace_token_before_the_number():
+    steps = [(" ", [(" ", lp(0.8)), ("7", lp(0.2))]), ("4", [("4", lp(0.5)), ("5", lp(0.5))]), ("2", [("2", 0.0)])]
+    numbers, _ = numbers_from_top_logprobs(steps)
+    # The reply stops after "42" (max_tokens): it ends there; "7" and "5" start two-digit numbers never shown.
+    assert numbers == pytest.approx({42: 0.8 * 0.5, 74.5: 0.2, 54.5: 0.8 * 0.5})
+
+
 def test_too_little_number_mass_gives_no_logprob_score():
     assert judgement_from_distribution({50: 0.1}, {}, "aligned") is None
     assert judgement_from_distribution({50: 0.1, 70: 0.2}, {}, "aligned").score == pytest.approx(190 / 3)
