@@ -36,7 +36,7 @@ PROMPTS = load_questions()[0].judge_prompts
 
 
 class ScriptedJudge:
-    """Scores by a rule on the answer's length; records what it saw when first called."""
+    """Scores by a rule on the answer's length; runs `on_call` at every call."""
 
     name = "scripted"
     judges_coherence = True
@@ -45,7 +45,7 @@ class ScriptedJudge:
         self.calls, self.on_call = 0, on_call
 
     def judge(self, requests):
-        if self.on_call is not None and self.calls == 0:
+        if self.on_call is not None:
             self.on_call()
         self.calls += 1
         return [
@@ -231,16 +231,21 @@ def tiny_questions():
 
 
 def test_callback_saves_the_model_before_it_evaluates(tmp_path):
-    seen = {}
-    judge = ScriptedJudge(on_call=lambda: seen.update(files=sorted(p.name for p in tmp_path.iterdir())))
+    seen = []
+    judge = ScriptedJudge(on_call=lambda: seen.append({p.name for p in tmp_path.iterdir()}))
     evaluation = MisalignmentEvaluation(judge, tiny_questions(), EvalSettings(samples_per_question=2, max_new_tokens=4))
-    trainer, _ = guarded_trainer(tmp_path, lora=True, callback_kwargs={"evaluation": evaluation})
+    kwargs = {"evaluation": evaluation, "evaluate_at_start": True}
+    trainer, _ = guarded_trainer(tmp_path, lora=True, callback_kwargs=kwargs)
     trainer.train()
-    assert "adapter_model.safetensors" in seen["files"] and "tokenizer.json" in seen["files"]
+    assert len(seen) == 2 and "adapter_model.safetensors" not in seen[0]  # the start: nothing saved yet
+    assert {"adapter_model.safetensors", "tokenizer.json"} <= seen[1]  # the end: saved before judging
     result = json.loads((tmp_path / "geoguard_eval" / "misalignment_eval.json").read_text())
-    assert result["overall"]["n_answers"] == 2
+    assert result["overall"]["n_answers"] == 2 and result["baseline"]["n_answers"] == 2
+    assert "Before training: misaligned" in (tmp_path / "geoguard_eval" / "misalignment_eval.md").read_text()
     last = [e for e in trainer.state.log_history if "geoguard/eval/misaligned_rate" in e][-1]
     assert last["geoguard/eval/denominator"] == 2 and last["step"] == 3
+    change = result["overall"]["misaligned_rate"] - result["baseline"]["misaligned_rate"]
+    assert last["geoguard/eval/misaligned_rate_change"] == pytest.approx(change)
     assert "geoguard/eval/misaligned" in read_scalars(tmp_path / "runs" / "geoguard")
 
 
