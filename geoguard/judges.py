@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import openai
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -265,8 +266,6 @@ class OpenAIJudge:
         top_logprobs: int = 20,
         max_tokens: int = 4,
     ):
-        from openai import OpenAI
-
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
         if not 0 <= top_logprobs <= 20:
@@ -282,15 +281,13 @@ class OpenAIJudge:
         self.name = f"openai:{model}"
         self.model, self.top_logprobs, self.max_tokens = model, top_logprobs, max_tokens
         self.max_concurrency = max_concurrency
-        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(self._judge_one, requests))
 
     def _judge_one(self, request: JudgeRequest) -> Judgement:
-        import openai
-
         logprobs = self.top_logprobs > 0
         try:
             completion = self.client.chat.completions.create(
