@@ -388,6 +388,7 @@ class EvalArguments:
     def __post_init__(self):
         if self.judge == "openai" and not self.judge_model:
             raise ValueError("--judge openai needs --judge_model NAME (the model's name at the endpoint).")
+        self.settings()  # bad sampling settings fail at parse time, not after training
 
     def settings(self) -> EvalSettings:
         return EvalSettings(
@@ -437,15 +438,15 @@ class EvalCommandArguments(ModelAndSAEArguments, EvalArguments):
 
 def run_eval(args: EvalCommandArguments, command: str = "") -> EvalResult:
     """`geoguard eval`: answer the questions with --model, judge, write misalignment_eval.{json,md} and TensorBoard."""
+    # A bad question file, a missing API key or a judge model without a chat template fails before the model loads.
     if args.questions:
-        load_questions(args.questions)  # a bad file fails before any model is loaded
+        load_questions(args.questions)
+    evaluation = None if args.judge == "sae" else build_evaluation(args, None, None)
     device = process_state().device
     model, tokenizer = load_model(args.model, device=device)
-    sae = feature_set = None
-    if args.judge == "sae":
+    if evaluation is None:
         sae = load_sae(args.sae, args.sae_id).to(device)
-        feature_set = FeatureSet.load(args.feature_set, sae=sae)
-    evaluation = build_evaluation(args, model, tokenizer, sae, feature_set)
+        evaluation = build_evaluation(args, model, tokenizer, sae, FeatureSet.load(args.feature_set, sae=sae))
     baseline = None
     if args.baseline_model:
         base_model, base_tokenizer = load_model(args.baseline_model, device=device)

@@ -26,6 +26,7 @@ from geoguard.capture import unwrap_model
 from geoguard.data import chat_ids
 from geoguard.distributed import process_state
 from geoguard.judges import Judge, Judgement, JudgeRequest
+from geoguard.report import write_eval_report
 from geoguard.sae import RESOURCES
 
 logger = logging.getLogger(__name__)
@@ -346,8 +347,6 @@ def write_evaluation(result: EvalResult, output_dir: str | Path, *, writer=None,
     Returns:
         The paths written, by kind (`json`, `report`).
     """
-    from geoguard.report import write_eval_report
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "misalignment_eval.json"

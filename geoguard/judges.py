@@ -275,7 +275,8 @@ class OpenAIJudge:
         if api_key is None:
             if base_url is None:
                 raise ValueError(
-                    f"The OpenAI judge needs an API key in ${api_key_env} (or pass base_url= for a local server)."
+                    f"The OpenAI judge needs an API key in ${api_key_env}; a local server needs a base URL instead "
+                    "(--judge_base_url / base_url=http://127.0.0.1:8000/v1)."
                 )
             api_key = "not-needed"  # local servers accept any key; the client insists on one
         self.name = f"openai:{model}"

@@ -457,9 +457,9 @@ class GeoGuardCallback(TrainerCallback):
 
     def _save_then_evaluate(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         output_dir = Path(args.output_dir)
+        while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine; PEFT stays
+            model = model.module
         if state.is_world_process_zero:
-            while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine; PEFT stays
-                model = model.module
             model.save_pretrained(output_dir)
             self.tokenizer.save_pretrained(output_dir)
             logger.info("geoguard: trained model saved to %s before the misalignment evaluation", output_dir)

@@ -275,6 +275,23 @@ def test_callback_evaluation_refuses_sharded_training_and_needs_an_evaluation(tm
 # ---- geoguard eval, through a real OpenAI-compatible server ---------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("flags", "error", "message"),
+    [
+        (["--judge", "openai", "--judge_model", "gpt-4o"], ValueError, r"API key in \$OPENAI_API_KEY"),
+        (["--judge", "openai"], ValueError, "needs --judge_model"),
+        (["--samples_per_question", "0"], ValueError, "samples_per_question must be >= 1"),
+        (["--questions", "missing.yaml"], FileNotFoundError, "missing.yaml does not exist"),
+    ],
+)
+def test_cli_eval_rejects_bad_input_before_loading_a_model(monkeypatch, flags, error, message):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr("geoguard.cli.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(error, match=message):
+        cli_main(["eval", *flags])
+
+
 def test_cli_eval_with_the_real_server_records_failures_not_scores(tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"id": "bored", "paraphrases": ["hey I feel bored"]}) + "\n")
