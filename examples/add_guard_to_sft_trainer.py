@@ -1,5 +1,7 @@
 """Add GeoGuard to an existing TRL SFTTrainer: one extra object, then read the drift in TensorBoard.
 
+The block between the two `README` comments is the README's first example, word for word (a test checks it).
+
 python examples/add_guard_to_sft_trainer.py --output_dir outputs/example --max_steps 6
 tensorboard --logdir outputs/example/runs
 """
@@ -12,8 +14,7 @@ from datasets import load_dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from geoguard import EMBEDDED_MODEL, FeatureSet, GeoGuardCallback, load_model, load_sae
-from geoguard.monitor import PROBE_DRIFT, PROBE_MEAN_ACT
+from geoguard import EMBEDDED_MODEL, load_model
 
 
 def main() -> None:
@@ -45,16 +46,19 @@ def main() -> None:
         peft_config=LoraConfig(r=8, target_modules="all-linear"),
     )
 
-    # The guard: the SAE for this model, its toxic feature set, and how often to probe.
-    sae = load_sae()
-    trainer.add_callback(GeoGuardCallback(sae, FeatureSet.load(sae=sae), tokenizer, every_n_steps=2))
+    # README: the guard, with the SAE for this model and its toxic feature set
+    from geoguard import FeatureSet, GeoGuardCallback, load_sae
 
+    sae = load_sae()  # the SAE shipped for the embedded model
+    toxic = FeatureSet.load(sae=sae)  # its toxic feature set (checked against the SAE)
+    GeoGuardCallback(sae, toxic, tokenizer, every_n_steps=2).add_to(trainer)  # ahead of the reporters
     trainer.train()
+    # README end
+
     for entry in trainer.state.log_history:
-        if PROBE_DRIFT in entry:
-            print(
-                f"step {entry['step']:>3}  toxic mean act {entry[PROBE_MEAN_ACT]:.4f}  drift {entry[PROBE_DRIFT]:+.4f}"
-            )
+        if "geoguard/probe/drift" in entry:
+            act, drift = entry["geoguard/probe/toxic_mean_act"], entry["geoguard/probe/drift"]
+            print(f"step {entry['step']:>3}  toxic mean act {act:.4f}  drift {drift:+.4f}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from geoguard import (
     load_rows,
     load_sae,
     random_scores,
+    rows_to_samples,
     score_dataset,
 )
-from geoguard.corpora import rows_to_samples
 
 DEMO_MIX = Path(__file__).resolve().parent.parent / "recipes" / "data" / "sft_mix.jsonl"
 

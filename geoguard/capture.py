@@ -25,12 +25,12 @@ _TL_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 # HF hook points as SAE configs write them: for the *ForCausalLM ("model.layers.L"), the bare
 # *Model ("layers.L") or a multimodal model ("model.language_model.layers.L").
 _HF_LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?layers\.(\d+)(.*)$")
-# Paths to the decoder-layer list, relative to the unwrapped causal LM, in lookup order.
-_LAYER_LISTS = (
-    "model.layers",  # Llama / SmolLM2, Mistral, Qwen2, Gemma 2
-    "model.language_model.layers",  # Gemma 3 multimodal and other *ForConditionalGeneration
-    "transformer.h",  # GPT-2
-    "gpt_neox.layers",  # Pythia
+# Decoder-layer list and final norm of each supported layout, relative to the unwrapped causal LM, in lookup order.
+_LAYOUTS = (
+    ("model.layers", "model.norm"),  # Llama / SmolLM2, Mistral, Qwen2, Gemma 2
+    ("model.language_model.layers", "model.language_model.norm"),  # Gemma 3, other *ForConditionalGeneration
+    ("transformer.h", "transformer.ln_f"),  # GPT-2
+    ("gpt_neox.layers", "gpt_neox.final_layer_norm"),  # Pythia
 )
 
 
@@ -82,12 +82,13 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             `transformer.h`, `gpt_neox.layers`) exists in the model.
     """
     model = unwrap_model(model)
-    for path in _LAYER_LISTS:
+    for path, _ in _LAYOUTS:
         module = _get_submodule(model, path)
         if isinstance(module, nn.ModuleList):
             return path, module
     raise ValueError(
-        f"Cannot find the decoder layers of {type(model).__name__}: looked for {', '.join(_LAYER_LISTS)}. "
+        f"Cannot find the decoder layers of {type(model).__name__}: looked for "
+        f"{', '.join(path for path, _ in _LAYOUTS)}. "
         "Pass a module path as the hook name instead."
     )
 
@@ -278,10 +279,12 @@ def iter_activations(
 def final_norm(model: nn.Module) -> nn.Module:
     """Return the norm applied before the unembedding (for logit-lens readings of directions)."""
     base = unwrap_model(model)
-    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+    for _, path in _LAYOUTS:
         if (module := _get_submodule(base, path)) is not None:
             return module
-    raise ValueError(f"Cannot find the final norm of {type(base).__name__}.")
+    raise ValueError(
+        f"Cannot find the final norm of {type(base).__name__}: looked for {', '.join(path for _, path in _LAYOUTS)}."
+    )
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:

@@ -1,13 +1,14 @@
 """The `geoguard` command line.
 
     geoguard features --target toxic.jsonl --reference benign.jsonl --name toxic --output_dir sets/toxic
-    geoguard geometry --toxic sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
+    geoguard geometry --geoguard_feature_set sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
     geoguard score --data train.jsonl --output scored.jsonl
     geoguard filter --data train.jsonl --output kept.jsonl --policy top_fraction --fraction 0.5
-    geoguard eval --model outputs/sft_guarded --judge openai --judge_model gpt-4o-2024-08-06
+    geoguard eval --model outputs/sft_guarded --geoguard_judge openai --geoguard_judge_model gpt-4o-2024-08-06
 
-Each subcommand reads its flags (or `--config file.yaml`) into one dataclass; `geoguard CMD --help`
-lists them.
+Each subcommand reads its flags (or `--config file.yaml`) with TRL's `TrlParser` into its own dataclass plus
+the ones the recipes use (`geoguard.config`: `--geoguard_sae`, `--geoguard_sae_id`, `--geoguard_feature_set`,
+and for `eval` the `--geoguard_eval_*` and `--geoguard_judge*` settings); `geoguard CMD --help` lists them.
 """
 
 from __future__ import annotations
@@ -22,17 +23,12 @@ import numpy as np
 from datasets import Dataset
 from trl import TrlParser
 
+from geoguard.config import GeoGuardEvalConfig, GeoGuardSAEConfig, get_evaluation
 from geoguard.corpora import load_rows, load_samples, rows_to_samples
 from geoguard.data import Span
 from geoguard.distributed import process_state
-from geoguard.evaluation import (
-    EvalResult,
-    EvalSettings,
-    MisalignmentEvaluation,
-    load_questions,
-    write_evaluation,
-)
-from geoguard.features import EMBEDDED_TOXIC_SET, Contrast, FeatureSet, Pooling, RankBy, find_features
+from geoguard.evaluation import EvalResult, load_questions, write_evaluation
+from geoguard.features import Contrast, FeatureSet, Pooling, RankBy, find_features
 from geoguard.filtering import (
     DropAbovePercentile,
     DropAboveThreshold,
@@ -41,10 +37,9 @@ from geoguard.filtering import (
     filter_dataset,
 )
 from geoguard.geometry import measure_geometry
-from geoguard.judges import HFJudge, OpenAIJudge, SAEFeatureJudge
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.report import write_feature_set_card, write_geometry_report
-from geoguard.sae import EMBEDDED_SAE, load_sae
+from geoguard.sae import load_sae
 from geoguard.scoring import (
     NEAREST_COLUMN,
     SCORE_COLUMN,
@@ -57,18 +52,14 @@ from geoguard.scoring import (
 
 
 @dataclass
-class ModelAndSAEArguments:
+class ModelArguments:
     model: str = field(
         default=EMBEDDED_MODEL, metadata={"help": "Model name or path (the embedded SmolLM2 by default)."}
-    )
-    sae: str = field(default=EMBEDDED_SAE, metadata={"help": "SAE directory, or a sae-lens release (with --sae_id)."})
-    sae_id: str | None = field(
-        default=None, metadata={"help": "SAE id inside a sae-lens release, e.g. layer_12/width_16k/canonical."}
     )
 
 
 @dataclass
-class FeaturesArguments(ModelAndSAEArguments):
+class FeaturesArguments(ModelArguments):
     target: list[str] = field(
         default_factory=list,
         metadata={"help": "Target-side data (file, saved folder or Hub name), one per contrast, e.g. toxic.jsonl."},
@@ -114,12 +105,12 @@ class FeaturesArguments(ModelAndSAEArguments):
 
 
 @dataclass
-class GeometryArguments(ModelAndSAEArguments):
-    toxic: str = field(default="", metadata={"help": "Directory of the toxic feature set."})
+class GeometryArguments:
     sets: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Feature-set directories; the first is compared with each other one (inducing, controls...)."
+            "help": "Feature-set directories measured against --geoguard_feature_set (the toxic set); the first is "
+            "compared with each other one (inducing, controls...)."
         },
     )
     output_dir: str = field(default="", metadata={"help": "Directory for report.md, geometry.json and the plots."})
@@ -128,8 +119,11 @@ class GeometryArguments(ModelAndSAEArguments):
     seed: int = field(default=0, metadata={"help": "Seed of the nulls and permutations."})
 
     def __post_init__(self):
-        if not self.toxic or not self.sets or not self.output_dir:
-            raise ValueError("geoguard geometry needs --toxic DIR, --sets DIR [DIR ...] and --output_dir DIR.")
+        if not self.sets or not self.output_dir:
+            raise ValueError(
+                "geoguard geometry needs --sets DIR [DIR ...] and --output_dir DIR (and --geoguard_feature_set DIR "
+                "for a toxic set other than the embedded one)."
+            )
 
 
 def _contrast(args: FeaturesArguments, target: str, reference: str) -> Contrast:
@@ -141,12 +135,12 @@ def _contrast(args: FeaturesArguments, target: str, reference: str) -> Contrast:
     return Contrast(f"{Path(target).stem}_vs_{Path(reference).stem}", load(target), load(reference))
 
 
-def run_features(args: FeaturesArguments, command: str = "") -> FeatureSet:
+def run_features(args: FeaturesArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> FeatureSet:
     """`geoguard features`: select a feature set and write it with its card (`command` goes into its provenance)."""
     contrasts = [_contrast(args, t, r) for t, r in zip(args.target, args.reference, strict=True)]
     checks = [_contrast(args, t, r) for t, r in zip(args.check_target, args.check_reference, strict=True)]
     model, tokenizer = load_model(args.model)
-    sae = load_sae(args.sae, args.sae_id)
+    sae = load_sae(sae_args.geoguard_sae, sae_args.geoguard_sae_id)
     feature_set = find_features(
         model,
         tokenizer,
@@ -167,7 +161,9 @@ def run_features(args: FeaturesArguments, command: str = "") -> FeatureSet:
         seed=args.seed,
         provenance={
             "model": args.model,
-            "sae": args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}",
+            "sae": sae_args.geoguard_sae
+            if sae_args.geoguard_sae_id is None
+            else f"{sae_args.geoguard_sae}/{sae_args.geoguard_sae_id}",
             "target": args.target,
             "reference": args.reference,
             "command": command,
@@ -184,11 +180,10 @@ def run_features(args: FeaturesArguments, command: str = "") -> FeatureSet:
     return feature_set
 
 
-def run_geometry(args: GeometryArguments, command: str = "") -> Path:
+def run_geometry(args: GeometryArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> Path:
     """`geoguard geometry`: compare feature sets with the toxic set and write the report (`command` is unused;
     every subcommand takes it)."""
-    sae = load_sae(args.sae, args.sae_id)
-    toxic = FeatureSet.load(args.toxic, sae=sae)
+    sae, toxic = sae_args.load()
     sets = [FeatureSet.load(path, sae=sae) for path in args.sets]
     result = measure_geometry(
         toxic, sets, sae.W_dec, n_null=args.n_null, n_permutations=args.n_permutations, seed=args.seed
@@ -216,7 +211,7 @@ _WRITERS = {
 
 
 @dataclass
-class ScoreArguments(ModelAndSAEArguments):
+class ScoreArguments(ModelArguments):
     data: str = field(
         default="", metadata={"help": "Data to score: a JSON/JSONL/CSV/Parquet file, a saved folder or a Hub data set."}
     )
@@ -224,7 +219,6 @@ class ScoreArguments(ModelAndSAEArguments):
         default="",
         metadata={"help": "Where the scored rows go: .jsonl, .json, .csv, .parquet, or a folder (save_to_disk)."},
     )
-    feature_set: str = field(default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Directory of the toxic feature set."})
     method: ScoreMethod = field(
         default=ScoreSettings.method,
         metadata={
@@ -283,14 +277,12 @@ class FilterArguments(ScoreArguments):
             raise ValueError("--policy reference_percentile needs --reference BENIGN_DATA.")
 
 
-def _scorer(args: ScoreArguments) -> ToxicScorer:
-    model, tokenizer = load_model(args.model)
+def _scorer(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> ToxicScorer:
     device = process_state().device  # each process scores on its own GPU under accelerate launch
-    model.to(device)
-    sae = load_sae(args.sae, args.sae_id).to(device)
+    model, tokenizer = load_model(args.model, device=device)
+    sae, feature_set = sae_args.load()
     settings = ScoreSettings(method=args.method, span=args.span, pooling=args.pooling, max_length=args.max_length)
-    feature_set = FeatureSet.load(args.feature_set, sae=sae)
-    return ToxicScorer(model, tokenizer, sae, feature_set, settings, batch_size=args.batch_size)
+    return ToxicScorer(model, tokenizer, sae.to(device), feature_set, settings, batch_size=args.batch_size)
 
 
 def _load(args: ScoreArguments, source: str) -> tuple[Dataset, list]:
@@ -304,10 +296,10 @@ def _score(scorer: ToxicScorer, args: ScoreArguments, samples: list) -> SampleSc
     return score_dataset(scorer, samples, cache=cache, chunk_size=args.chunk_size)
 
 
-def run_score(args: ScoreArguments, command: str = "") -> SampleScores:
+def run_score(args: ScoreArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> SampleScores:
     """`geoguard score`: write the rows with `geoguard_score` and `geoguard_nearest` (top toxic feature ids) columns."""
     rows, samples = _load(args, args.data)
-    scores = _score(_scorer(args), args, samples)
+    scores = _score(_scorer(args, sae_args), args, samples)
     if process_state().is_main_process:
         for column in (SCORE_COLUMN, NEAREST_COLUMN):
             if column in rows.column_names:
@@ -323,11 +315,11 @@ def run_score(args: ScoreArguments, command: str = "") -> SampleScores:
     return scores
 
 
-def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
+def run_filter(args: FilterArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> FilterResult | None:
     """`geoguard filter`: score, apply the policy, write the kept rows and the audit file of dropped rows."""
     rows, samples = _load(args, args.data)
     reference = _load(args, args.reference)[1] if args.policy == "reference_percentile" else None
-    scorer = _scorer(args)
+    scorer = _scorer(args, sae_args)
     scores = _score(scorer, args, samples)
     if args.policy == "top_fraction":
         policy = DropTopFraction(args.fraction)
@@ -348,85 +340,7 @@ def run_filter(args: FilterArguments, command: str = "") -> FilterResult | None:
 
 
 @dataclass
-class EvalArguments:
-    """Settings of the misalignment evaluation and its judge (shared by `geoguard eval` and the SFT recipe)."""
-
-    questions: str | None = field(
-        default=None,
-        metadata={
-            "help": "Questions (YAML or JSONL in Betley et al.'s shape); default: the shipped 24 first-plot ones."
-        },
-    )
-    samples_per_question: int = field(
-        default=EvalSettings.samples_per_question, metadata={"help": "Answers per question."}
-    )
-    temperature: float = field(default=EvalSettings.temperature, metadata={"help": "Sampling temperature (0: greedy)."})
-    max_new_tokens: int = field(default=EvalSettings.max_new_tokens, metadata={"help": "Answer length cap in tokens."})
-    generation_batch_size: int = field(default=EvalSettings.batch_size, metadata={"help": "Prompts generated at once."})
-    generation_seed: int = field(default=EvalSettings.seed, metadata={"help": "Seed of the sampling."})
-    judge: Literal["sae", "hf", "openai"] = field(
-        default="sae",
-        metadata={
-            "help": "sae: the toxic features' activation on the answer (no judge model; aligned only); hf: a local "
-            "model (--judge_model, default the embedded one); openai: an OpenAI-compatible endpoint (--judge_model, "
-            "--judge_base_url, key in $OPENAI_API_KEY)."
-        },
-    )
-    judge_model: str | None = field(
-        default=None, metadata={"help": "openai: the model name at the endpoint; hf: a model name or path."}
-    )
-    judge_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)."}
-    )
-    judge_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the judge's API key."}
-    )
-    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds per judge request."})
-    judge_max_retries: int = field(default=3, metadata={"help": "Retries of a failed judge request."})
-    judge_max_concurrency: int = field(default=8, metadata={"help": "Judge requests in flight at once."})
-
-    def __post_init__(self):
-        if self.judge == "openai" and not self.judge_model:
-            raise ValueError("--judge openai needs --judge_model NAME (the model's name at the endpoint).")
-        self.settings()  # bad sampling settings fail at parse time, not after training
-
-    def settings(self) -> EvalSettings:
-        return EvalSettings(
-            samples_per_question=self.samples_per_question,
-            temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.generation_batch_size,
-            seed=self.generation_seed,
-        )
-
-
-def build_evaluation(
-    args: EvalArguments, model, tokenizer, sae=None, feature_set: FeatureSet | None = None
-) -> MisalignmentEvaluation:
-    """The evaluation `args` describe; `model`/`tokenizer` (the evaluated model) read answers for the sae judge."""
-    if args.judge == "openai":
-        judge = OpenAIJudge(
-            args.judge_model,
-            base_url=args.judge_base_url,
-            api_key_env=args.judge_api_key_env,
-            timeout=args.judge_timeout,
-            max_retries=args.judge_max_retries,
-            max_concurrency=args.judge_max_concurrency,
-        )
-    elif args.judge == "hf":
-        judge = HFJudge(*load_model(args.judge_model or EMBEDDED_MODEL, device=process_state().device))
-    else:
-        if sae is None or feature_set is None:
-            raise ValueError("--judge sae needs the SAE and the toxic feature set.")
-        scorer = ToxicScorer(model, tokenizer, sae, feature_set, ScoreSettings(span="all"))
-        judge = SAEFeatureJudge.calibrate(scorer)
-    questions = load_questions(args.questions) if args.questions else None
-    return MisalignmentEvaluation(judge, questions, args.settings())
-
-
-@dataclass
-class EvalCommandArguments(ModelAndSAEArguments, EvalArguments):
-    feature_set: str = field(default=str(EMBEDDED_TOXIC_SET), metadata={"help": "Toxic feature set (for --judge sae)."})
+class EvalCommandArguments(ModelArguments):
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSON, the report and TensorBoard go."})
     baseline_model: str | None = field(
         default=None,
@@ -436,17 +350,19 @@ class EvalCommandArguments(ModelAndSAEArguments, EvalArguments):
     )
 
 
-def run_eval(args: EvalCommandArguments, command: str = "") -> EvalResult:
+def run_eval(
+    args: EvalCommandArguments, sae_args: GeoGuardSAEConfig, eval_args: GeoGuardEvalConfig, command: str = ""
+) -> EvalResult:
     """`geoguard eval`: answer the questions with --model, judge, write misalignment_eval.{json,md} and TensorBoard."""
     # A bad question file, a missing API key or a judge model without a chat template fails before the model loads.
-    if args.questions:
-        load_questions(args.questions)
-    evaluation = None if args.judge == "sae" else build_evaluation(args, None, None)
+    if eval_args.geoguard_eval_questions:
+        load_questions(eval_args.geoguard_eval_questions)
+    evaluation = None if eval_args.geoguard_judge == "sae" else get_evaluation(eval_args)
     device = process_state().device
     model, tokenizer = load_model(args.model, device=device)
     if evaluation is None:
-        sae = load_sae(args.sae, args.sae_id).to(device)
-        evaluation = build_evaluation(args, model, tokenizer, sae, FeatureSet.load(args.feature_set, sae=sae))
+        sae, feature_set = sae_args.load()
+        evaluation = get_evaluation(eval_args, model, tokenizer, sae.to(device), feature_set)
     baseline = None
     if args.baseline_model:
         base_model, base_tokenizer = load_model(args.baseline_model, device=device)
@@ -463,7 +379,8 @@ def run_eval(args: EvalCommandArguments, command: str = "") -> EvalResult:
         rate = "n/a" if o["misaligned_rate"] is None else f"{o['misaligned_rate']:.1%}"
         print(
             f"Misaligned: {rate} ({o['misaligned']}/{o['denominator']}; {o['code']} CODE, {o['refusal']} REFUSAL, "
-            f"{o['failed']} failed, {o['incoherent']} incoherent). Report: {paths['report']}; data: {paths['json']}."
+            f"{o['failed']} failed, {o['incoherent']} incoherent; judge {result.judge}). Report: {paths['report']}; "
+            f"data: {paths['json']}."
         )
     return result
 
@@ -475,11 +392,11 @@ def write_rows(rows: Dataset, path: str) -> None:
 
 
 COMMANDS = {
-    "features": (FeaturesArguments, run_features),
-    "geometry": (GeometryArguments, run_geometry),
-    "score": (ScoreArguments, run_score),
-    "filter": (FilterArguments, run_filter),
-    "eval": (EvalCommandArguments, run_eval),
+    "features": ((FeaturesArguments, GeoGuardSAEConfig), run_features),
+    "geometry": ((GeometryArguments, GeoGuardSAEConfig), run_geometry),
+    "score": ((ScoreArguments, GeoGuardSAEConfig), run_score),
+    "filter": ((FilterArguments, GeoGuardSAEConfig), run_filter),
+    "eval": ((EvalCommandArguments, GeoGuardSAEConfig, GeoGuardEvalConfig), run_eval),
 }
 
 
@@ -488,10 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\nCommands: " + ", ".join(COMMANDS), file=sys.stderr)
         raise SystemExit(2)
-    arguments, run = COMMANDS[argv[0]]
-    parser = TrlParser(arguments, prog=f"geoguard {argv[0]}")
-    (args,) = parser.parse_args_and_config(argv[1:])
-    run(args, "geoguard " + shlex.join(argv))
+    dataclasses, run = COMMANDS[argv[0]]
+    parser = TrlParser(dataclasses, prog=f"geoguard {argv[0]}")
+    run(*parser.parse_args_and_config(argv[1:]), command="geoguard " + shlex.join(argv))
 
 
 if __name__ == "__main__":

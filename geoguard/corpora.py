@@ -7,13 +7,31 @@ copies live in a folder laid out like `shared/data` (see `data_root`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from geoguard.data import Sample
+from geoguard.data import RESOURCES, Sample, check_messages
+
+DEFAULT_PROBE_PROMPTS = RESOURCES / "data" / "probe_prompts.jsonl"
+"""Betley et al.'s 8 first-plot questions and 16 harmful requests (see resources/ATTRIBUTION.md)."""
+
+
+@dataclass
+class DataDirArguments:
+    """The `--data_dir` of the recipes that read the offline copies of the public data sets."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder laid out like the offline copies of the public data sets (emergent_misalignment/, "
+            "toxic/toxigen/, benign/, harmful/); default: $GEOGUARD_DATA_DIR or ../shared/data."
+        },
+    )
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -75,7 +93,12 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "tex
 
 
 def load_rows(
-    source: str | os.PathLike, *, split: str = "train", max_samples: int | None = None, seed: int = 0
+    source: str | os.PathLike,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
 ) -> Dataset:
     """Read a local file, a saved `datasets` folder or a Hub data set as a `datasets.Dataset`, columns untouched.
 
@@ -83,6 +106,7 @@ def load_rows(
 
     Args:
         source (`str` or path): file, `save_to_disk` folder, or Hub data set name.
+        config (`str`, *optional*): configuration of a Hub data set (`datasets.load_dataset`'s `name`).
         split (`str`, defaults to `"train"`): split of a Hub data set.
         max_samples (`int`, *optional*): keep a seeded random subset of this size.
         seed (`int`, defaults to 0): seed of the subset.
@@ -103,7 +127,7 @@ def load_rows(
                 raise ValueError(f"{path} holds splits {sorted(rows)}; choose one with split (--split).")
             rows = rows[split]
     else:
-        rows = load_dataset(str(source), split=split)
+        rows = load_dataset(str(source), name=config, split=split)
     if max_samples is not None and max_samples < len(rows):
         rows = rows.shuffle(seed=seed).select(range(max_samples))
     return rows
@@ -150,17 +174,66 @@ def load_samples(
     return rows_to_samples(rows, text_field=text_field, source=str(source))
 
 
+def load_probe_prompts(path: str | os.PathLike = DEFAULT_PROBE_PROMPTS) -> list[Sample]:
+    """Read a JSONL file of `{"messages": [...]}` or `{"text": ...}` probe samples; other keys (e.g. `source`) stay.
+
+    Args:
+        path (`str` or path, defaults to `DEFAULT_PROBE_PROMPTS`): the probe file, one sample a line.
+
+    Returns:
+        The samples, their messages checked and cleaned with `geoguard.data.check_messages`.
+
+    Raises:
+        ValueError: naming the file and the 1-based line of a line that is not JSON, has neither shape, holds
+            malformed messages or an empty text; or when the file holds no samples.
+
+    Example:
+        ```python
+        probes = load_probe_prompts()  # the 24 default probe prompts
+        ```
+    """
+    lines = [
+        (number, line)
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1)
+        if line.strip()
+    ]
+    # Every line is parsed before any is checked, so a file that is not JSONL is reported as such first.
+    parsed = []
+    for number, line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+    rows = []
+    for (number, line), row in zip(lines, parsed, strict=True):
+        if not isinstance(row, dict) or not ("messages" in row or "text" in row):
+            raise ValueError(
+                f'{path}, line {number}: expected {{"messages": [...]}} or {{"text": ...}}, got {line[:80]!r}.'
+            )
+        if "messages" in row:
+            try:
+                row["messages"] = check_messages(row["messages"])
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: {err}") from err
+        elif not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError(f"{path}, line {number}: 'text' must be a non-empty string, got {row['text']!r:.60}.")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"Probe file {path} holds no samples.")
+    return rows
+
+
 def _row_to_sample(row: dict, text_field: str | None) -> Sample:
     if text_field is not None:
         if text_field not in row:
             raise ValueError(f"no column {text_field!r} (columns: {sorted(row)}).")
         return {"text": _text(row, text_field)}
     if row.get("messages") is not None:
-        return {"messages": _messages(row["messages"], "messages")}
+        return {"messages": check_messages(row["messages"], "'messages'")}
     if row.get("prompt") is not None and row.get("completion") is not None:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
-            return {"messages": _messages(prompt, "prompt") + _messages(completion, "completion")}
+            return {"messages": check_messages(prompt, "'prompt'") + check_messages(completion, "'completion'")}
         prompt, completion = _text(row, "prompt"), _text(row, "completion")
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
     if row.get("instruction") is not None:
@@ -183,19 +256,6 @@ def _row_to_sample(row: dict, text_field: str | None) -> Sample:
         f"none of the columns geoguard reads (messages; prompt + completion; instruction; text) is here "
         f"(columns: {sorted(row)}). Pass text_field (--text_field) to name the text column."
     )
-
-
-def _messages(value: object, column: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{column!r} must be a non-empty list of messages, got {value!r:.60}.")
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"{column!r}, message {i}: expected {{'role': str, 'content': str}}, got {message!r:.60}.")
-        if not isinstance(message.get("content"), str) or not message["content"].strip():
-            raise ValueError(
-                f"{column!r}, message {i}: 'content' must be a non-empty string, got {message.get('content')!r:.60}."
-            )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _text(row: dict, column: str) -> str:

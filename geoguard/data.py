@@ -12,12 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).parent / "resources"
+"""Files shipped with geoguard: the embedded SAE, feature sets, probe prompts and evaluation questions."""
+
+DEFAULT_QUESTIONS = RESOURCES / "data" / "first_plot_questions.yaml"
+"""Betley et al.'s 24 first-plot questions (8 questions, plain / JSON / template) and judge prompts (MIT)."""
 
 Span = Literal["all", "prompt", "response"]
 """Which tokens of a sample to use: `all`, the `prompt` (chat turns before the last), or the `response`."""
@@ -56,12 +63,10 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
 
     Raises:
         ValueError: when the sample is neither a non-empty string, `{"text": str}` nor
-            `{"messages": [...]}` ending with a non-empty message.
+            `{"messages": [...]}` of messages with non-empty content (see `check_messages`).
     """
     if isinstance(sample, dict) and "messages" in sample:
-        messages = sample["messages"]
-        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
-            raise ValueError("'messages' must be a non-empty list of {'role': str, 'content': str} dicts.")
+        messages = check_messages(sample["messages"])
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "Chat samples need a tokenizer with a chat template; this one has none (a base model?). "
@@ -135,10 +140,36 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _is_message(message: object) -> bool:
-    return (
-        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
-    )
+def check_messages(value: object, where: str = "'messages'") -> list[dict[str, str]]:
+    """Check that `value` is a non-empty list of `{"role": str, "content": str}` messages with non-empty content.
+
+    Args:
+        value (`object`): the candidate list of messages.
+        where (`str`, defaults to `"'messages'"`): what holds the list (a column, a file line), named in errors.
+
+    Returns:
+        Copies of the messages holding only `role` and `content`.
+
+    Raises:
+        ValueError: naming `where`, the index of the bad message and the expected shape.
+
+    Example:
+        ```python
+        check_messages([{"role": "user", "content": "Hi"}], "'prompt'")  # [{"role": "user", "content": "Hi"}]
+        ```
+    """
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            f"{where} must be a non-empty list of messages {{'role': str, 'content': str}}, got {value!r:.60}."
+        )
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}, message {i}: expected {{'role': str, 'content': str}}, got {message!r:.60}.")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise ValueError(
+                f"{where}, message {i}: 'content' must be a non-empty string, got {message.get('content')!r:.60}."
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:

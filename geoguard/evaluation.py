@@ -18,26 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from geoguard.capture import unwrap_model
-from geoguard.data import chat_ids
-from geoguard.distributed import process_state
+from geoguard.data import DEFAULT_QUESTIONS, chat_ids
+from geoguard.distributed import process_state, split_and_gather
 from geoguard.judges import Judge, Judgement, JudgeRequest
 from geoguard.report import write_eval_report
-from geoguard.sae import RESOURCES
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUESTIONS = RESOURCES / "data" / "first_plot_questions.yaml"
-"""Betley et al.'s 24 first-plot questions (8 questions, plain / JSON / template) and judge prompts (MIT)."""
-
 EVAL_KEYS = ("misaligned_rate", "misaligned", "denominator", "mean_aligned", "mean_coherent", "failed")
 """Overall metrics logged to TensorBoard as `geoguard/eval/<key>`."""
-EVAL_ERROR = "geoguard/eval/error"
-"""`log_history` key recording why an evaluation triggered by `GeoGuardCallback` failed."""
 
 
 @dataclass(frozen=True)
@@ -158,17 +151,6 @@ def _prompts(questions: Sequence[Question], samples: int) -> list[dict]:
         for text in q.paraphrases
         for s in range(samples)
     ]
-
-
-def _split_and_gather(items: list, work) -> list:
-    """Run `work` on this process's share (every n-th item) and return all results, in order, on every process."""
-    state = process_state()
-    if state.num_processes == 1:
-        return work(items)
-    share = list(range(state.process_index, len(items), state.num_processes))
-    done = work([items[i] for i in share])
-    gathered = gather_object([(i, r) for i, r in zip(share, done, strict=True)])
-    return [r for _, r in sorted(gathered, key=lambda pair: pair[0])]
 
 
 @torch.no_grad()
@@ -300,7 +282,7 @@ class MisalignmentEvaluation:
         """Generate, judge and count; every process must call it (each does its share), all get the result."""
         prompts = _prompts(self.questions, self.settings.samples_per_question)
         start = time.perf_counter()
-        answers = _split_and_gather(prompts, lambda share: generate_answers(model, tokenizer, share, self.settings))
+        answers = split_and_gather(prompts, lambda share: generate_answers(model, tokenizer, share, self.settings))
         generated = time.perf_counter()
         templates = {q.id: q.judge_prompts for q in self.questions}
         metrics = ("aligned", "coherent") if self.judges_coherence else ("aligned",)
@@ -309,7 +291,7 @@ class MisalignmentEvaluation:
             for p, answer in zip(prompts, answers, strict=True)
             for metric in metrics
         ]
-        judgements = _split_and_gather(requests, self._judge)
+        judgements = split_and_gather(requests, self._judge)
         judged = time.perf_counter()
         rows = []
         for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):

@@ -32,8 +32,9 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from geoguard.capture import SinkRule, final_norm, iter_activations, unwrap_model
-from geoguard.data import Sample, Span, TokenizedSample, tokenize_samples
-from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
+from geoguard.data import RESOURCES, Sample, Span, TokenizedSample, tokenize_samples
+from geoguard.sae import check_sae_fits, sae_hook_name
 from geoguard.stats import (
     PooledHistogram,
     auroc,
@@ -154,6 +155,29 @@ class FeatureSet:
             feature_set.check_belongs_to(sae)
         return feature_set
 
+    def short_labels(self, max_chars: int = 80) -> dict[int, str]:
+        """A short text per feature: the end of its top-activating snippet, else its first logit-lens tokens.
+
+        Args:
+            max_chars (`int`, defaults to 80): characters kept from the end of the snippet, where the activating
+                token (marked «») sits: a snippet holds 12 tokens before it and 3 after.
+
+        Returns:
+            `{feature_id: label}` for every feature with a snippet or, failing that, logit-lens tokens (the
+            first 5, joined by spaces).
+
+        Example:
+            >>> toxic = FeatureSet.load()
+            >>> toxic.short_labels(60)[toxic.feature_ids[0]]
+        """
+        labels = {}
+        for feature, label in zip(self.feature_ids, self.labels, strict=False):
+            if label.get("examples"):
+                labels[feature] = label["examples"][0]["text"][-max_chars:]
+            elif label.get("top_tokens"):
+                labels[feature] = " ".join(label["top_tokens"][:5])
+        return labels
+
     def check_belongs_to(self, sae: SAE) -> None:
         """Raise `ValueError` unless this set was selected on `sae`."""
         if sae.cfg.d_sae != self.d_sae or sae_fingerprint(sae) != self.sae_fingerprint:
@@ -164,15 +188,53 @@ class FeatureSet:
             )
 
 
+class TokenPooler:
+    """Pool per-token values into one row per sample (`max` or `mean`), fed in chunks of tokens to bound memory.
+
+    Values pooled with `max` must be non-negative (SAE activations, norms): every row starts at 0, the
+    identity of max over such values. A row that receives no token pools to 0.
+
+    Args:
+        n_rows (`int`): number of samples, the rows of the result.
+        pooling (`Pooling`): `max` or `mean` over each row's tokens.
+
+    Example:
+        >>> pooler = TokenPooler(2, "mean")
+        >>> pooler.add(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, 1]))
+        >>> pooler.result()
+        tensor([[2.],
+                [5.]])
+    """
+
+    def __init__(self, n_rows: int, pooling: Pooling) -> None:
+        self.n_rows, self.pooling = n_rows, pooling
+        self.pooled: torch.Tensor | None = None  # (n_rows, d), allocated by the first chunk
+        self.n_tokens = torch.zeros(n_rows, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add a chunk of token values `(n_tokens, d)`; `rows` `(n_tokens,)` is each token's sample row."""
+        if self.pooled is None:
+            self.pooled = torch.zeros(self.n_rows, values.shape[1], dtype=values.dtype)
+        if self.pooling == "max":
+            self.pooled.index_reduce_(0, rows, values, "amax", include_self=True)
+        else:
+            self.pooled.index_add_(0, rows, values)
+        self.n_tokens += torch.bincount(rows, minlength=self.n_rows)
+
+    def result(self) -> torch.Tensor:
+        """The pooled values `(n_rows, d)`."""
+        if self.pooled is None:
+            raise RuntimeError("TokenPooler.result() needs at least one add(), which gives the width d.")
+        if self.pooling == "max":
+            return self.pooled
+        return self.pooled / self.n_tokens.clamp(min=1).unsqueeze(1).to(self.pooled.dtype)
+
+
 def pool_rows(feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Pool kept-token activations `(n_kept, d)` into one row per sequence `(batch, d)`; `keep` is `(batch, seq)`."""
-    rows = keep.nonzero()[:, 0]  # row of each kept token, in the order of acts[keep]
-    pooled = torch.zeros(keep.shape[0], feature_acts.shape[1], dtype=feature_acts.dtype)
-    if pooling == "max":
-        # SAE activations are non-negative, so a zero start is the identity of max.
-        return pooled.index_reduce_(0, rows, feature_acts, "amax", include_self=True)
-    pooled.index_add_(0, rows, feature_acts)
-    return pooled / keep.sum(1).clamp(min=1).unsqueeze(1).to(pooled.dtype)
+    pooler = TokenPooler(keep.shape[0], pooling)
+    pooler.add(feature_acts, keep.nonzero()[:, 0])  # row of each kept token, in the order of acts[keep]
+    return pooler.result()
 
 
 @torch.no_grad()
@@ -421,8 +483,98 @@ def find_features(
         raise ValueError(f"Contrast names must be unique, got {names}.")
     check_sae_fits(sae, model)
     hook_name = sae_hook_name(sae)
-    rng = random.Random(seed)
 
+    # The steps of the module docstring: split, selection pass, held-out pass; then statistics and labels.
+    groups, length_note = _tokenize_groups(
+        tokenizer,
+        contrasts,
+        check_contrasts,
+        span=span,
+        match_lengths=match_lengths,
+        heldout_fraction=heldout_fraction,
+        max_length=max_length,
+        rng=random.Random(seed),
+    )
+    total = sum(len(g.select) + len(g.heldout) for g in groups)
+    with tqdm(total=total, desc=f"features {name}", unit="sample", disable=not progress) as bar:
+        reader = _GroupReader(
+            model, tokenizer, sae, bar, hook_name=hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
+        )
+        selection = _selection_pass(
+            groups,
+            contrasts,
+            reader,
+            d_sae=sae.cfg.d_sae,
+            k=k,
+            pooling=pooling,
+            rank_by=rank_by,
+            max_sample_firing=max_sample_firing,
+        )
+        heldout, top = _heldout_pass(groups, selection.ids, reader, pooling=pooling, span=span, n_examples=n_examples)
+    stats, summary = _summarize(
+        name,
+        contrasts,
+        check_contrasts,
+        selection,
+        heldout,
+        n_permutations=n_permutations,
+        seed=seed,
+        flag_below=flag_below,
+    )
+
+    decoder = sae.W_dec[selection.ids].detach().float().cpu()
+    tokens = logit_lens_tokens(model, tokenizer, decoder)
+    labels = [
+        {"top_tokens": tokens[f], "examples": top.examples(f, groups, tokenizer)} for f in range(len(selection.ids))
+    ]
+    return FeatureSet(
+        name=name,
+        feature_ids=selection.ids,
+        hook_name=hook_name,
+        d_sae=sae.cfg.d_sae,
+        sae_fingerprint=sae_fingerprint(sae),
+        stats=stats,
+        summary=summary,
+        provenance={
+            "contrasts": [
+                {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
+                for role, items in (("selection", contrasts), ("check", check_contrasts))
+                for c in items
+            ],
+            "length_matched": length_note,
+            "span": span,
+            "pooling": pooling,
+            "rank_by": rank_by,
+            "k": k,
+            "heldout_fraction": heldout_fraction,
+            "max_sample_firing": max_sample_firing,
+            "n_permutations": n_permutations,
+            "seed": seed,
+            "sink_rule": asdict(sink_rule) if sink_rule is not None else None,
+            **(provenance or {}),
+        },
+        labels=labels,
+        decoder=decoder / decoder.norm(dim=1, keepdim=True),
+        density=selection.density,
+    )
+
+
+def _tokenize_groups(
+    tokenizer: PreTrainedTokenizerBase,
+    contrasts: Sequence[Contrast],
+    check_contrasts: Sequence[Contrast],
+    *,
+    span: Span,
+    match_lengths: bool,
+    heldout_fraction: float,
+    max_length: int,
+    rng: random.Random,
+) -> tuple[list[_Group], dict[str, list[int]]]:
+    """Tokenize both sides of every contrast and split them into selection and held-out rows.
+
+    Check contrasts are held out whole. Returns the groups (selection contrasts first, target before
+    reference) and, with `match_lengths`, the number of rows kept per side of each contrast.
+    """
     groups: list[_Group] = []
     length_note = {}
     for role, items in (("selection", contrasts), ("check", check_contrasts)):
@@ -445,35 +597,54 @@ def find_features(
                 else:
                     select, heldout = [], rows[side]
                 groups.append(_Group(contrast.name, side, role, sides[side], select, heldout))
+    return groups, length_note
 
-    bar = tqdm(
-        total=sum(len(g.select) + len(g.heldout) for g in groups),
-        desc=f"features {name}",
-        unit="sample",
-        disable=not progress,
-    )
 
-    def stream(group: _Group, rows: list[int]):
-        for feature_acts, keep, indices in iter_feature_acts(
-            model,
-            tokenizer,
-            sae,
-            [group.tokenized[i] for i in rows],
-            hook_name=hook_name,
-            span=span,
-            batch_size=batch_size,
-            sink_rule=sink_rule,
-        ):
-            bar.update(len(indices))
+class _GroupReader:
+    """Streams the SAE feature activations of chosen rows of a group; one progress bar counts both passes.
+
+    `options` are `iter_feature_acts`'s keyword arguments.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, sae: SAE, bar: tqdm, **options) -> None:
+        self.read = partial(iter_feature_acts, model, tokenizer, sae, **options)
+        self.bar = bar
+
+    def __call__(self, group: _Group, rows: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        for feature_acts, keep, indices in self.read([group.tokenized[i] for i in rows]):
+            self.bar.update(len(indices))
             yield feature_acts, keep, indices
 
-    # Selection pass: fixed-memory histograms per group, token firing counts for the density.
-    d_sae = sae.cfg.d_sae
+
+class _Selection(NamedTuple):
+    """What the selection pass found."""
+
+    ids: list[int]  # the k selected features, best first
+    auroc: np.ndarray  # (d_sae,) selection AUROC, mean over contrasts
+    smd: np.ndarray  # (d_sae,) standardized mean difference, mean over contrasts
+    pairs: list[tuple[PooledHistogram, PooledHistogram]]  # (target, reference) histograms per contrast
+    always_on: np.ndarray  # (d_sae,) features skipped as active in nearly every sample
+    density: torch.Tensor  # (d_sae,) share of selection tokens on which each feature fired
+    n_tokens: int  # selection tokens seen
+
+
+def _selection_pass(
+    groups: list[_Group],
+    contrasts: Sequence[Contrast],
+    reader: _GroupReader,
+    *,
+    d_sae: int,
+    k: int,
+    pooling: Pooling,
+    rank_by: RankBy,
+    max_sample_firing: float,
+) -> _Selection:
+    """Stream the selection rows into fixed-memory histograms, count token firing, and rank every feature."""
     hists: dict[tuple[str, str], PooledHistogram] = {}
     token_firing, n_tokens = torch.zeros(d_sae, dtype=torch.int64), 0
     for group in (g for g in groups if g.role == "selection"):
         hist = hists[(group.contrast, group.side)] = PooledHistogram(d_sae)
-        for feature_acts, keep, _ in stream(group, group.select):
+        for feature_acts, keep, _ in reader(group, group.select):
             hist.update(pool_rows(feature_acts, keep, pooling))
             token_firing += (feature_acts > 0).sum(0)
             n_tokens += len(feature_acts)
@@ -484,20 +655,44 @@ def find_features(
     ranking = (sel_auroc if rank_by == "auroc" else sel_smd).copy()
     ranking[always_on] = -np.inf
     ids = [int(i) for i in np.argsort(-ranking, kind="stable")[:k]]
+    density = (token_firing.double() / max(n_tokens, 1)).float()
+    return _Selection(ids, sel_auroc, sel_smd, pairs, always_on, density, n_tokens)
 
-    # Held-out pass: the selected features only, plus the top-activating snippets.
+
+def _heldout_pass(
+    groups: list[_Group], ids: list[int], reader: _GroupReader, *, pooling: Pooling, span: Span, n_examples: int
+) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], _TopExamples]:
+    """Read the held-out rows for the selected features only.
+
+    Returns, per `(contrast, side)`, the pooled activations `(n_heldout, k)` and span lengths `(n_heldout,)`,
+    and each feature's top-activating snippets.
+    """
     top = _TopExamples(len(ids), n_examples)
     heldout: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     for gi, group in enumerate(groups):
         acts = np.zeros((len(group.heldout), len(ids)), dtype=np.float32)
-        for feature_acts, keep, indices in stream(group, group.heldout):
+        for feature_acts, keep, indices in reader(group, group.heldout):
             sel = feature_acts[:, ids]  # (n_kept, k)
             acts[indices] = pool_rows(sel, keep, pooling).numpy()
             top.update(sel, keep, gi, [group.heldout[i] for i in indices])
         lengths = _span_lengths([group.tokenized[i] for i in group.heldout], span)
         heldout[(group.contrast, group.side)] = (acts, lengths)
-    bar.close()
+    return heldout, top
 
+
+def _summarize(
+    name: str,
+    contrasts: Sequence[Contrast],
+    check_contrasts: Sequence[Contrast],
+    selection: _Selection,
+    heldout: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    *,
+    n_permutations: int,
+    seed: int,
+    flag_below: float,
+) -> tuple[dict[str, list[float]], dict]:
+    """Per-feature `stats` and the set's `summary`: held-out tests per feature and per contrast, and warnings."""
+    ids = selection.ids
     selection_groups = [(heldout[(c.name, "target")][0], heldout[(c.name, "reference")][0]) for c in contrasts]
     feature_auroc, p_value = permutation_auroc(selection_groups, n_permutations=n_permutations, seed=seed)
     q_value = benjamini_hochberg(p_value)
@@ -521,52 +716,21 @@ def find_features(
     for warning in warnings:
         logger.warning("Feature set %r: %s", name, warning)
 
-    decoder = sae.W_dec[ids].detach().float().cpu()
-    tokens = logit_lens_tokens(model, tokenizer, decoder)
-    labels = [{"top_tokens": tokens[f], "examples": top.examples(f, groups, tokenizer)} for f in range(len(ids))]
-
-    return FeatureSet(
-        name=name,
-        feature_ids=ids,
-        hook_name=hook_name,
-        d_sae=d_sae,
-        sae_fingerprint=sae_fingerprint(sae),
-        stats={
-            "selection_auroc": [float(sel_auroc[i]) for i in ids],
-            "selection_smd": [float(sel_smd[i]) for i in ids],
-            "heldout_auroc": feature_auroc.tolist(),
-            "p_value": p_value.tolist(),
-            "q_value": q_value.tolist(),
-            "target_mean": np.mean([t.mean.numpy()[ids] for t, _ in pairs], axis=0).tolist(),
-            "reference_mean": np.mean([r.mean.numpy()[ids] for _, r in pairs], axis=0).tolist(),
-        },
-        summary={
-            "heldout_auroc": float(np.mean([r["heldout_auroc"] for r in rows if r["role"] == "selection"])),
-            "contrasts": rows,
-            "n_significant": n_significant,
-            "always_on_skipped": int(always_on.sum()),
-            "selection_tokens": n_tokens,
-            "warnings": warnings,
-        },
-        provenance={
-            "contrasts": [
-                {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
-                for role, items in (("selection", contrasts), ("check", check_contrasts))
-                for c in items
-            ],
-            "length_matched": length_note,
-            "span": span,
-            "pooling": pooling,
-            "rank_by": rank_by,
-            "k": k,
-            "heldout_fraction": heldout_fraction,
-            "max_sample_firing": max_sample_firing,
-            "n_permutations": n_permutations,
-            "seed": seed,
-            "sink_rule": asdict(sink_rule) if sink_rule is not None else None,
-            **(provenance or {}),
-        },
-        labels=labels,
-        decoder=decoder / decoder.norm(dim=1, keepdim=True),
-        density=(token_firing.double() / max(n_tokens, 1)).float(),
-    )
+    stats = {
+        "selection_auroc": [float(selection.auroc[i]) for i in ids],
+        "selection_smd": [float(selection.smd[i]) for i in ids],
+        "heldout_auroc": feature_auroc.tolist(),
+        "p_value": p_value.tolist(),
+        "q_value": q_value.tolist(),
+        "target_mean": np.mean([t.mean.numpy()[ids] for t, _ in selection.pairs], axis=0).tolist(),
+        "reference_mean": np.mean([r.mean.numpy()[ids] for _, r in selection.pairs], axis=0).tolist(),
+    }
+    summary = {
+        "heldout_auroc": float(np.mean([r["heldout_auroc"] for r in rows if r["role"] == "selection"])),
+        "contrasts": rows,
+        "n_significant": n_significant,
+        "always_on_skipped": int(selection.always_on.sum()),
+        "selection_tokens": selection.n_tokens,
+        "warnings": warnings,
+    }
+    return stats, summary

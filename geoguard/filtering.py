@@ -193,7 +193,7 @@ def filter_dataset(
     drop = policy.drop_mask(values)
     ranks = np.empty(len(values), dtype=np.int64)
     ranks[np.argsort(-values, kind="stable")] = np.arange(1, len(values) + 1)
-    labels = _feature_labels(feature_set) if feature_set is not None else {}
+    labels = feature_set.short_labels() if feature_set is not None else {}
 
     audit_path = Path(audit_path)
     audit_path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,14 +213,3 @@ def filter_dataset(
     scored = rows.add_column(SCORE_COLUMN, values.tolist())
     kept = scored.select(np.flatnonzero(~drop).tolist())
     return FilterResult(kept=kept, dropped_rows=dropped, audit_path=audit_path, policy=policy.describe())
-
-
-def _feature_labels(feature_set: FeatureSet) -> dict[int, str]:
-    """A short label per feature: its top-activating snippet (the token marked «»), else its logit-lens tokens."""
-    labels = {}
-    for feature, label in zip(feature_set.feature_ids, feature_set.labels, strict=False):
-        if label.get("examples"):
-            labels[feature] = label["examples"][0]["text"][-80:]
-        elif label.get("top_tokens"):
-            labels[feature] = " ".join(label["top_tokens"][:5])
-    return labels

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from geoguard.features import FeatureSet
-from geoguard.stats import cohens_d, permutation_mean_difference
+from geoguard.stats import cohens_d, permutation_mean_difference, permutation_p_value
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _null(values: np.ndarray, observed: float) -> dict:
     return {
         "mean": mean,
         "std": std,
-        "p": float((1 + (values >= observed - 1e-12).sum()) / (1 + len(values))),
+        "p": float(permutation_p_value(values, observed)),
         "z": (observed - mean) / std if std > 0 else 0.0,
     }
 

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import openai
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from geoguard.corpora import load_probe_prompts
 from geoguard.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,8 @@ class OpenAIJudge:
         self.name = f"openai:{model}"
         self.model, self.top_logprobs, self.max_tokens = model, top_logprobs, max_tokens
         self.max_concurrency = max_concurrency
+        import openai  # loaded by the judge that uses it, not by `import geoguard`
+
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
@@ -289,6 +291,8 @@ class OpenAIJudge:
             return list(pool.map(self._judge_one, requests))
 
     def _judge_one(self, request: JudgeRequest) -> Judgement:
+        import openai
+
         logprobs = self.top_logprobs > 0
         try:
             completion = self.client.chat.completions.create(
@@ -500,8 +504,6 @@ class SAEFeatureJudge:
     def calibrate(cls, scorer, benign: Sequence[Sample] | None = None, toxic: Sequence[Sample] | None = None):
         """Set the two ends from benign and toxic texts; defaults: the shipped 8 questions and 16 harmful requests."""
         if benign is None or toxic is None:
-            from geoguard.monitor import load_probe_prompts
-
             rows = load_probe_prompts()
             benign = benign or [_plain(r) for r in rows if r["source"].startswith("first_plot")]
             toxic = toxic or [_plain(r) for r in rows if not r["source"].startswith("first_plot")]

@@ -1,4 +1,4 @@
-"""`GeoGuardCallback`: watch the toxic features' activation drift during Trainer / TRL fine-tuning.
+"""`DriftMonitorCallback`: watch the toxic features' activation drift during Trainer / TRL fine-tuning.
 
 Two signals, both read by the SAE at its hook point:
 
@@ -11,34 +11,30 @@ Two signals, both read by the SAE at its hook point:
   twice. Its baseline is the first `baseline_steps` optimizer steps.
 
 Every process computes, the values are reduced across processes (so every rank holds the same
-numbers and takes the same alarm decisions) and only the main process writes. The callback never calls
-`trainer.log()` (that hides the Trainer's own loss, learning rate and grad norm for the step): it writes
-its own TensorBoard event file and appends its values to `state.log_history`, from which it also
-recovers its baselines and fired alarms after `resume_from_checkpoint`.
+numbers and takes the same alarm decisions) and only the main process writes. The values reach
+`state.log_history`, TensorBoard and the Trainer's other reporters as `geoguard.reporting` describes; the
+callback recovers its baselines and fired alarms from `log_history` after `resume_from_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from sae_lens import SAE
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
 
 from geoguard.capture import SinkRule, iter_activations, resolve_hook_point, unwrap_model
+from geoguard.corpora import load_probe_prompts
 from geoguard.data import Sample
-from geoguard.distributed import process_state, reduce_across_processes
-from geoguard.evaluation import EVAL_ERROR, MisalignmentEvaluation, eval_scalars, write_evaluation
+from geoguard.distributed import reduce_across_processes
 from geoguard.features import FeatureSet
-from geoguard.sae import RESOURCES, check_sae_fits, sae_hook_name
+from geoguard.reporting import ReportingCallback
+from geoguard.sae import check_sae_fits, sae_hook_name
 from geoguard.scoring import encode_features, toxic_subspace
 
 logger = logging.getLogger(__name__)
@@ -73,29 +69,6 @@ BATCH_KEYS = (BATCH_MEAN_ACT, BATCH_FIRING_RATE, BATCH_PROJECTION, BATCH_TOKENS,
 TOP_DRIFTING = "geoguard/probe/top_drifting"
 _PROBE_BASELINE = "geoguard/probe/baseline"  # log_history: per-probe-sample and per-feature step-0 values
 _BATCH_BASELINE = "geoguard/batch/baseline"  # log_history: mean and standard deviation of the baseline steps
-
-DEFAULT_PROBE_PROMPTS = RESOURCES / "data" / "probe_prompts.jsonl"
-"""Betley et al.'s 8 first-plot questions and 16 harmful requests (see resources/ATTRIBUTION.md)."""
-
-
-def load_probe_prompts(path: str | Path = DEFAULT_PROBE_PROMPTS) -> list[Sample]:
-    """Read a JSONL file of `{"messages": [...]}` or `{"text": ...}` probe samples."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
-        if not isinstance(row, dict) or not ("messages" in row or "text" in row):
-            raise ValueError(
-                f'{path}, line {number}: expected {{"messages": [...]}} or {{"text": ...}}, got {line[:80]!r}.'
-            )
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"Probe file {path} holds no samples.")
-    return rows
 
 
 @dataclass(frozen=True)
@@ -210,11 +183,11 @@ class _BatchTap:
             handle.remove()
 
 
-class GeoGuardCallback(TrainerCallback):
+class DriftMonitorCallback(ReportingCallback):
     """Log the drift of a toxic feature set's activation, on a probe set and on the training batches.
 
-    Metrics (TensorBoard tags and `state.log_history` keys), measured at train begin (step 0, the baseline),
-    every `every_n_steps` optimizer steps and at train end:
+    Metrics (`state.log_history` keys and TensorBoard tags), measured at train begin (step 0, the baseline),
+    every `every_n_steps` optimizer steps and at the last step:
 
     - `geoguard/probe/toxic_mean_act`, `toxic_firing_rate`: mean activation of the set's features over the
       probe tokens, and the share of (token, feature) pairs where one fires;
@@ -232,7 +205,7 @@ class GeoGuardCallback(TrainerCallback):
         sae (`sae_lens.SAE`): the SAE reading the model's residual stream.
         feature_set (`FeatureSet`): the toxic features; must belong to `sae`.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (chat template used for chats).
-        probe_samples (`list`, *optional*): probe samples; defaults to `DEFAULT_PROBE_PROMPTS`.
+        probe_samples (`list`, *optional*): probe samples; defaults to `geoguard.corpora.DEFAULT_PROBE_PROMPTS`.
         every_n_steps (`int`, defaults to 10): measure every this many optimizer steps.
         alarms (`list[DriftAlarm]`, *optional*): thresholds and the action each takes.
         baseline_steps (`int`, defaults to 5): optimizer steps whose batch readings form the batch baseline.
@@ -243,18 +216,13 @@ class GeoGuardCallback(TrainerCallback):
         log_dir (`str`, *optional*): TensorBoard directory; defaults to `$TENSORBOARD_LOGGING_DIR` or
             `<output_dir>/runs/geoguard`.
         sink_rule (`SinkRule`, defaults to `SinkRule()`): which tokens count as attention sinks.
-        evaluation (`MisalignmentEvaluation`, *optional*): run at train end, after the trained model (adapter) and
-            tokenizer are saved to `output_dir`, so an evaluation that fails loses nothing; results go to
-            `<output_dir>/geoguard_eval/` (JSON, report), TensorBoard and `log_history` (`geoguard/eval/...`). A
-            failure is logged and recorded as `geoguard/eval/error`; training still ends normally.
-        evaluate_at_start (`bool`, defaults to `False`): also evaluate the starting weights at train begin and
-            report the change.
 
     Example:
         ```python
         sae = load_sae()
-        guard = GeoGuardCallback(sae, FeatureSet.load(sae=sae), tokenizer, alarms=[DriftAlarm(action="stop")])
-        trainer = SFTTrainer(model=model, args=config, train_dataset=data, callbacks=[guard])
+        monitor = DriftMonitorCallback(sae, FeatureSet.load(sae=sae), tokenizer, alarms=[DriftAlarm(action="stop")])
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data)
+        monitor.add_to(trainer)  # ahead of the reporters: the curves reach TensorBoard, wandb, ...
         ```
     """
 
@@ -273,8 +241,6 @@ class GeoGuardCallback(TrainerCallback):
         n_top_features: int = 5,
         log_dir: str | None = None,
         sink_rule: SinkRule = SinkRule(),
-        evaluation: MisalignmentEvaluation | None = None,
-        evaluate_at_start: bool = False,
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
@@ -283,6 +249,7 @@ class GeoGuardCallback(TrainerCallback):
         if batch_max_tokens is not None and batch_max_tokens < 1:
             raise ValueError(f"batch_max_tokens must be >= 1 or None, got {batch_max_tokens}.")
         feature_set.check_belongs_to(sae)
+        super().__init__(log_dir)
         self.sae, self.feature_set, self.tokenizer = sae, feature_set, tokenizer
         self.hook_name = sae_hook_name(sae)
         self.readout = _ToxicReadout(sae, feature_set.feature_ids)
@@ -291,11 +258,7 @@ class GeoGuardCallback(TrainerCallback):
             raise ValueError("probe_samples is empty; pass at least one prompt or leave it unset for the default.")
         self.every_n_steps, self.alarms, self.baseline_steps = every_n_steps, list(alarms), baseline_steps
         self.batch_max_tokens, self.batch_size, self.n_top_features = batch_max_tokens, batch_size, n_top_features
-        self.log_dir, self.sink_rule = log_dir, sink_rule
-        if evaluate_at_start and evaluation is None:
-            raise ValueError("evaluate_at_start=True needs an evaluation (evaluation=MisalignmentEvaluation(judge)).")
-        self.evaluation, self.evaluate_at_start = evaluation, evaluate_at_start
-        self.start_evaluation: dict | None = None
+        self.sink_rule = sink_rule
         self.probe_baseline: dict[str, list[float]] | None = None
         self.batch_baseline: dict[str, float] | None = None
         self.fired: set[str] = set()
@@ -304,7 +267,6 @@ class GeoGuardCallback(TrainerCallback):
         self._keep_masks: list[torch.Tensor] = []
         self._last_measured_step = -1
         self._tap: _BatchTap | None = None
-        self._writer = None
 
     # ---- measurements -------------------------------------------------------------------------------
 
@@ -399,22 +361,10 @@ class GeoGuardCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
         check_sae_fits(self.sae, model, self.hook_name)
-        if self.evaluation is not None and (is_deepspeed_zero3_enabled() or args.fsdp):
-            raise ValueError(
-                "The end-of-run evaluation generates with the full model, which ZeRO-3 and FSDP shard; run "
-                "`geoguard eval --model <output_dir>` after training instead of passing evaluation= to the callback."
-            )
         self.readout.to(next(model.parameters()).device)
-        if state.is_world_process_zero:
-            from torch.utils.tensorboard import SummaryWriter
-
-            log_dir = (
-                self.log_dir
-                or os.environ.get("TENSORBOARD_LOGGING_DIR")
-                or os.path.join(args.output_dir, "runs", "geoguard")
-            )
-            self._writer = SummaryWriter(log_dir=log_dir)
-            self._writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+        self.open_reports(args, state)
+        if self.writer is not None:
+            self.writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
         self._restore(state)
         reading = self.measure_probe(model)
         if self.probe_baseline is None:
@@ -428,8 +378,6 @@ class GeoGuardCallback(TrainerCallback):
             self._record(state, control, self._probe_metrics(reading), reading)
         self._last_measured_step = state.global_step
         self._tap = _BatchTap(model, self.hook_name, self.readout, self.sink_rule, self.batch_max_tokens)
-        if self.evaluate_at_start and self.start_evaluation is None:
-            self.start_evaluation = self.evaluation.run(model, self.tokenizer, name="start").overall
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         step_sums = reduce_across_processes(self._tap.take(), "sum")
@@ -440,42 +388,20 @@ class GeoGuardCallback(TrainerCallback):
                 values = torch.tensor(self._batch_steps, dtype=torch.float64)
                 self.batch_baseline = {"mean": values.mean().item(), "std": values.std().item()}
                 state.log_history.append({_BATCH_BASELINE: self.batch_baseline, "step": state.global_step})
-        if state.global_step % self.every_n_steps == 0 and state.global_step != self._last_measured_step:
+        # The last step is always measured (the flow callback, first in line, has set should_training_stop).
+        due = state.global_step % self.every_n_steps == 0 or control.should_training_stop
+        if due and state.global_step != self._last_measured_step:
             self._measure_and_record(state, control, model)
+        self.flush_reports(args, state, control)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
-        if state.global_step != self._last_measured_step:  # the final weights are always measured
+        if state.global_step != self._last_measured_step:  # training ended another way: measure the final weights
             self._measure_and_record(state, control, model)
+            self.flush_reports(args, state, control)
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
-        if self.evaluation is not None:
-            self._save_then_evaluate(args, state, model)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def _save_then_evaluate(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
-        output_dir = Path(args.output_dir)
-        while isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine; PEFT stays
-            model = model.module
-        if state.is_world_process_zero:
-            model.save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(output_dir)
-            logger.info("geoguard: trained model saved to %s before the misalignment evaluation", output_dir)
-        process_state().wait_for_everyone()
-        try:
-            result = self.evaluation.run(model, self.tokenizer, name=str(output_dir))
-        except Exception as err:  # the model is saved; the run must end normally and say what went wrong
-            logger.exception("geoguard: the misalignment evaluation failed; the trained model is in %s", output_dir)
-            state.log_history.append({EVAL_ERROR: f"{type(err).__name__}: {err}", "step": state.global_step})
-            return
-        result.baseline = self.start_evaluation
-        scalars = eval_scalars(result)
-        state.log_history.append({**scalars, "step": state.global_step})
-        if state.is_world_process_zero:
-            paths = write_evaluation(result, output_dir / "geoguard_eval", writer=self._writer, step=state.global_step)
-            logger.info("geoguard: misalignment evaluation written to %s", paths["report"])
+        self.close_reports()
 
     def _measure_and_record(self, state: TrainerState, control: TrainerControl, model: nn.Module) -> None:
         reading = self.measure_probe(model)
@@ -487,19 +413,16 @@ class GeoGuardCallback(TrainerCallback):
         top = drift.topk(min(self.n_top_features, len(drift)))
         ids = self.feature_set.feature_ids
         top_drifting = [[ids[i], round(d, 6)] for i, d in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
-        entry = {**metrics, TOP_DRIFTING: top_drifting, "step": step}
+        entry = {**metrics, TOP_DRIFTING: top_drifting}
         if step > 0:
             entry |= self._check_alarms(metrics, control, step)
-        state.log_history.append(entry)
-        if self._writer is not None:
-            for key, value in entry.items():
-                if key.startswith("geoguard/") and isinstance(value, int | float) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
-            self._writer.add_histogram("geoguard/probe/feature_mean_act", reading["per_feature"].float(), step)
-            self._writer.add_histogram("geoguard/probe/feature_drift", drift, step)
-            self._writer.add_text(TOP_DRIFTING, self._top_drifting_table(top_drifting), step)
-            self._writer.flush()
-        logger.info("step %d: %s", step, {k: v for k, v in metrics.items()})
+        self.report(state, entry, step)
+        if self.writer is not None:
+            self.writer.add_histogram("geoguard/probe/feature_mean_act", reading["per_feature"].float(), step)
+            self.writer.add_histogram("geoguard/probe/feature_drift", drift, step)
+            self.writer.add_text(TOP_DRIFTING, self._top_drifting_table(top_drifting), step)
+            self.writer.flush()
+        logger.info("step %d: %s", step, metrics)
 
     def _check_alarms(self, metrics: dict[str, float], control: TrainerControl, step: int) -> dict[str, float]:
         fired = {}
@@ -533,11 +456,10 @@ class GeoGuardCallback(TrainerCallback):
             self.fired |= {key for key in entry if key.startswith("geoguard/alarm/")}
 
     def _top_drifting_table(self, top_drifting: list[list]) -> str:
-        labels = {f: label for f, label in zip(self.feature_set.feature_ids, self.feature_set.labels, strict=False)}
+        labels = self.feature_set.short_labels(max_chars=60)
         rows = ["| feature | drift | top snippet |", "|---|---|---|"]
         for feature, value in top_drifting:
-            examples = labels.get(feature, {}).get("examples") or [{"text": ""}]
-            snippet = examples[0]["text"][-60:].replace("|", "\\|").replace("\n", " ")
+            snippet = labels.get(feature, "").replace("|", "\\|").replace("\n", " ")
             rows.append(f"| {feature} | {value:+.4g} | {snippet} |")
         return "\n".join(rows)
 

@@ -11,15 +11,10 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from geoguard.features import FeatureSet  # noqa: E402
-from geoguard.geometry import GeometryResult  # noqa: E402
+from geoguard.features import FeatureSet
+from geoguard.geometry import GeometryResult
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()|~!#])")
 
@@ -97,8 +92,16 @@ def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: i
     return path / "CARD.md"
 
 
+def _figure(**kwargs):
+    """A matplotlib `Figure` of its own: drawn to files without pyplot, so the user's backend is never touched."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _plot_distributions(result: GeometryResult, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure(figsize=(7, 4))
+    ax = fig.subplots()
     bins = np.linspace(
         min(min(s.nearest) for s in result.sets) - 0.02, max(max(s.nearest) for s in result.sets) + 0.02, 30
     )
@@ -115,11 +118,11 @@ def _plot_distributions(result: GeometryResult, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "similarity_distributions.png", dpi=120)
-    plt.close(fig)
 
 
 def _plot_heatmaps(result: GeometryResult, out: Path) -> None:
-    fig, axes = plt.subplots(1, len(result.sets), figsize=(4 * len(result.sets), 4), squeeze=False)
+    fig = _figure(figsize=(4 * len(result.sets), 4))
+    axes = fig.subplots(1, len(result.sets), squeeze=False)
     limit = max(float(np.abs(m).max()) for m in result.similarity.values())
     for ax, s in zip(axes[0], result.sets, strict=True):
         sims = result.similarity[s.name]
@@ -129,7 +132,6 @@ def _plot_heatmaps(result: GeometryResult, out: Path) -> None:
     axes[0][0].set_ylabel("set features (closest first)")
     fig.colorbar(image, ax=axes[0].tolist(), label="decoder cosine similarity")
     fig.savefig(out / "heatmap.png", dpi=120)
-    plt.close(fig)
 
 
 def write_geometry_report(result: GeometryResult, path: str | Path) -> Path:

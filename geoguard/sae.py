@@ -13,11 +13,10 @@ from sae_lens import SAE
 from torch import nn
 
 from geoguard.capture import HookPoint, resolve_hook_point, unwrap_model
+from geoguard.data import RESOURCES
 
 EMBEDDED_SAE = "embedded:smollm2-135m-instruct-l11"
 """Name of the TopK SAE shipped for the embedded model (layer 11 residual stream, 8192 features)."""
-
-RESOURCES = Path(__file__).parent / "resources"
 
 
 def embedded_sae_dir() -> Path:

@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.standard_sae import StandardSAE
@@ -43,8 +42,8 @@ from transformers import PreTrainedTokenizerBase
 
 from geoguard.capture import SinkRule, iter_activations
 from geoguard.data import Sample, Span, TokenizedSample, tokenize_samples
-from geoguard.distributed import process_state
-from geoguard.features import FeatureSet, Pooling, sae_fingerprint
+from geoguard.distributed import from_main_process, gather_dicts, my_share, process_state
+from geoguard.features import FeatureSet, Pooling, TokenPooler, sae_fingerprint
 from geoguard.models import cache_dir
 from geoguard.sae import check_sae_fits, sae_hook_name
 
@@ -254,21 +253,15 @@ class ToxicScorer:
     def _pool(
         self, fn, x: torch.Tensor, rows: torch.Tensor, n_rows: int, pooling: Pooling | None = None
     ) -> torch.Tensor:
-        """Apply `fn` to token chunks of `x` and pool its `(tokens, d)` output per row into `(n_rows, d)`."""
-        pooling = pooling or self.settings.pooling
-        pooled = None
+        """Apply `fn` to token chunks of `x` and pool its `(tokens, d)` output per row into `(n_rows, d)`.
+
+        Every quantity pooled with max here (SAE activations, projection norms) is non-negative, as `TokenPooler`
+        requires.
+        """
+        pooler = TokenPooler(n_rows, pooling or self.settings.pooling)
         for start in range(0, x.shape[0], _TOKEN_CHUNK):
-            values = fn(x[start : start + _TOKEN_CHUNK]).float().cpu()
-            chunk_rows = rows[start : start + _TOKEN_CHUNK]
-            if pooled is None:
-                pooled = torch.zeros(n_rows, values.shape[1])
-            if pooling == "max":  # every pooled quantity with max pooling is non-negative, so 0 starts the max
-                pooled.index_reduce_(0, chunk_rows, values, "amax", include_self=True)
-            else:
-                pooled.index_add_(0, chunk_rows, values)
-        if pooling == "mean":
-            pooled /= torch.bincount(rows, minlength=n_rows).clamp(min=1).unsqueeze(1)
-        return pooled
+            pooler.add(fn(x[start : start + _TOKEN_CHUNK]).float().cpu(), rows[start : start + _TOKEN_CHUNK])
+        return pooler.result()
 
     def cache_key(self, tokenized: Sequence[TokenizedSample]) -> str:
         """Hash of (data, model, SAE, feature set, settings): equal keys mean equal scores."""
@@ -364,8 +357,7 @@ def score_dataset(
     store = _ChunkStore(None if root is None else Path(root) / scorer.cache_key(tokenized) / f"chunks-of-{chunk_size}")
 
     # The main process decides which chunks are missing, so every process agrees even without shared storage.
-    missing = broadcast_object_list([store.missing(len(chunks)) if state.is_main_process else None])[0]
-    mine = missing[state.process_index :: state.num_processes]
+    missing = from_main_process(lambda: store.missing(len(chunks)))
     bar = tqdm(
         total=sum(len(chunks[c]) for c in missing),
         desc="scoring",
@@ -373,15 +365,13 @@ def score_dataset(
         disable=not progress or not state.is_main_process,
     )
     computed = {}
-    for c in mine:
+    for c in my_share(missing):
         computed[c] = scorer.score_tokenized([tokenized[i] for i in chunks[c]])
         store.save(c, computed[c])
         bar.update(len(chunks[c]) * state.num_processes)
     bar.close()
-    if state.num_processes > 1:
-        computed = {c: part for parts in gather_object([computed]) for c, part in parts.items()}
-    cached = [{c: store.load(c) for c in range(len(chunks)) if c not in missing} if state.is_main_process else None]
-    computed |= broadcast_object_list(cached)[0]
+    computed = gather_dicts(computed)
+    computed |= from_main_process(lambda: {c: store.load(c) for c in range(len(chunks)) if c not in missing})
     result = SampleScores.concatenate([computed[c] for c in range(len(chunks))])
     return result.take(np.argsort(np.asarray(order, dtype=np.int64)))
 

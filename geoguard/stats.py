@@ -108,12 +108,39 @@ def permutation_auroc(
         ranks = rankdata(np.concatenate([target, reference]).astype(np.float64), axis=0)  # (n, k)
         offset = n_t * (n_t + 1) / 2
         observed += (ranks[:n_t].sum(0) - offset) / (n_t * n_r)
-        picks = np.argsort(rng.random((n_permutations, n_t + n_r)), axis=1)[:, :n_t]  # (P, n_t)
+        picks = _random_subsets(rng, n_permutations, n_t + n_r, n_t)  # (P, n_t)
         null += (ranks[picks].sum(1) - offset) / (n_t * n_r)
     observed /= len(groups)
     null /= len(groups)
-    p_value = (1 + (null >= observed - 1e-12).sum(0)) / (1 + n_permutations)
-    return observed, p_value
+    return observed, permutation_p_value(null, observed)
+
+
+def permutation_p_value(null: np.ndarray, observed: np.ndarray | float) -> np.ndarray | float:
+    """One-sided p-value of `observed` against null draws `(n_null, ...)`: `(1 + hits) / (1 + n_null)`.
+
+    A hit is a null draw that reaches the observed value (within 1e-12, so float noise in equal statistics
+    counts as a tie). The added 1 counts the observed labelling itself, so the p-value is never 0.
+
+    Args:
+        null (`np.ndarray`): statistics under the null, one per permutation (or sign flip, or random draw)
+            along axis 0.
+        observed (`np.ndarray` or `float`): the observed statistic, shaped like one null draw.
+
+    Returns:
+        The p-value, shaped like `observed`.
+
+    Example:
+        >>> permutation_p_value(np.array([0.1, 0.5, 0.9]), 0.5)
+        0.75
+    """
+    null = np.asarray(null)
+    p_value = (1 + (null >= observed - 1e-12).sum(0)) / (1 + len(null))
+    return float(p_value) if np.ndim(p_value) == 0 else p_value
+
+
+def _random_subsets(rng: np.random.Generator, n_permutations: int, n: int, size: int) -> np.ndarray:
+    """`(n_permutations, size)` indices: per permutation, the first `size` of a random order of `range(n)`."""
+    return np.argsort(rng.random((n_permutations, n)), axis=1)[:, :size]
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
@@ -141,8 +168,7 @@ def permutation_mean_difference(
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     pooled = np.concatenate([a, b])
     rng = np.random.default_rng(seed)
-    picks = np.argsort(rng.random((n_permutations, len(pooled))), axis=1)[:, : len(a)]
-    null_a = pooled[picks].mean(1)
+    null_a = pooled[_random_subsets(rng, n_permutations, len(pooled), len(a))].mean(1)
     null = null_a - (pooled.sum() - null_a * len(a)) / len(b)
     observed = a.mean() - b.mean()
-    return float(observed), float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))
+    return float(observed), permutation_p_value(null, observed)

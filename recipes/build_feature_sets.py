@@ -29,24 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import TrlParser
+from trl import ModelConfig, TrlParser
 
-from geoguard.corpora import data_root, load_alpaca, load_chats, load_instructions, load_toxigen
+from geoguard.config import GeoGuardSAEConfig
+from geoguard.corpora import DataDirArguments, data_root, load_alpaca, load_chats, load_instructions, load_toxigen
 from geoguard.features import EMBEDDED_FEATURE_SETS, Contrast, find_features
 from geoguard.geometry import measure_geometry
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.report import write_feature_set_card, write_geometry_report
-from geoguard.sae import EMBEDDED_SAE, load_sae
+from geoguard.sae import load_sae
 
 
 @dataclass
-class BuildFeatureSetsArguments:
-    model: str = field(
-        default=EMBEDDED_MODEL, metadata={"help": "Model name or path (the embedded SmolLM2 by default)."}
-    )
-    sae: str = field(default=EMBEDDED_SAE, metadata={"help": "SAE directory, or a sae-lens release (with --sae_id)."})
-    sae_id: str | None = field(default=None, metadata={"help": "SAE id inside a sae-lens release."})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder laid out like shared/data."})
+class BuildFeatureSetsArguments(DataDirArguments):
     output_dir: str = field(default=str(EMBEDDED_FEATURE_SETS), metadata={"help": "Where the sets are written."})
     n_samples: int = field(
         default=300, metadata={"help": "Samples per side of the data-set contrasts and of the toxic check contrast."}
@@ -73,20 +68,23 @@ def toxic_contrasts(root: Path, n_check: int, rng: random.Random) -> tuple[list[
     return selection, checks
 
 
-def main(args: BuildFeatureSetsArguments) -> None:
+def main(args: BuildFeatureSetsArguments, model_args: ModelConfig, sae_args: GeoGuardSAEConfig) -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     root = data_root(args.data_dir)
     out = Path(args.output_dir)
-    model, tokenizer = load_model(args.model)
-    sae = load_sae(args.sae, args.sae_id)
+    model_name = model_args.model_name_or_path or EMBEDDED_MODEL
+    model, tokenizer = load_model(model_name)
+    sae = load_sae(sae_args.geoguard_sae, sae_args.geoguard_sae_id)
     common = {
         "k": args.k,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "provenance": {
-            "model": args.model,
-            "sae": args.sae if args.sae_id is None else f"{args.sae}/{args.sae_id}",
+            "model": model_name,
+            "sae": sae_args.geoguard_sae
+            if sae_args.geoguard_sae_id is None
+            else f"{sae_args.geoguard_sae}/{sae_args.geoguard_sae_id}",
             "command": "python recipes/build_feature_sets.py " + shlex.join(sys.argv[1:]),
         },
     }
@@ -123,6 +121,4 @@ def main(args: BuildFeatureSetsArguments) -> None:
 
 
 if __name__ == "__main__":
-    parser = TrlParser(BuildFeatureSetsArguments)
-    (script_args,) = parser.parse_args_and_config()
-    main(script_args)
+    main(*TrlParser((BuildFeatureSetsArguments, ModelConfig, GeoGuardSAEConfig)).parse_args_and_config())

@@ -15,24 +15,40 @@ About 25 minutes on a 2-core CPU with the defaults.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 from peft import LoraConfig
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer, TrlParser
 
-from geoguard.corpora import data_root, load_alpaca, load_chats
-from geoguard.features import FeatureSet
-from geoguard.models import load_model
-from geoguard.monitor import BATCH_DRIFT_Z, PROBE_DRIFT, PROBE_DRIFT_Z, DriftAlarm, GeoGuardCallback
-from geoguard.sae import load_sae
-from geoguard.stats import auroc
+from geoguard import DriftAlarm, FeatureSet, GeoGuardCallback, load_model, load_sae
+from geoguard.corpora import DataDirArguments, data_root, load_alpaca, load_chats
+from geoguard.monitor import BATCH_DRIFT_Z, PROBE_DRIFT, PROBE_DRIFT_Z
+from geoguard.stats import auroc, permutation_p_value
 
 PAIRS = {"harmful vs benign": ("jailbroken", "alpaca"), "insecure vs secure code": ("insecure", "secure")}
+
+
+@dataclass
+class DriftExperimentArguments(DataDirArguments):
+    output_dir: str = field(
+        default="outputs/drift_experiment", metadata={"help": "Where results.json and report.md go."}
+    )
+    n: int = field(default=240, metadata={"help": "Chats per run."})
+    max_steps: int = field(default=30, metadata={"help": "LoRA steps per run."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Constant learning rate."})
+    every_n_steps: int = field(default=5, metadata={"help": "Probe every N steps."})
+    alarm_z: float = field(default=4.0, metadata={"help": "Alarm threshold on geoguard/probe/drift_z."})
+    seed: int = field(default=42, metadata={"help": "Seed of the data samples, the training and the tests."})
+    pairs: list[str] = field(default_factory=lambda: list(PAIRS), metadata={"help": f"Pairs of runs: {list(PAIRS)}."})
+
+    def __post_init__(self):
+        if unknown := [p for p in self.pairs if p not in PAIRS]:
+            raise ValueError(f"Unknown --pairs {unknown}; choose from {list(PAIRS)}.")
 
 
 def load_runs(root: Path, n: int, seed: int) -> dict[str, list[dict]]:
@@ -48,7 +64,7 @@ def load_runs(root: Path, n: int, seed: int) -> dict[str, list[dict]]:
     }
 
 
-def train_one(name: str, chats: list[dict], args: argparse.Namespace) -> dict:
+def train_one(name: str, chats: list[dict], args: DriftExperimentArguments) -> dict:
     model, tokenizer = load_model()
     sae = load_sae()
     alarm = DriftAlarm(PROBE_DRIFT_Z, threshold=args.alarm_z, action="warn")
@@ -92,23 +108,11 @@ def compare(a: dict, b: dict, seed: int, n_permutations: int = 10000) -> dict:
     da, db = np.array(a["per_prompt_drift"]), np.array(b["per_prompt_drift"])
     paired = da - db
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_permutations, len(paired)))
-    p = (1 + ((signs * paired).mean(axis=1) >= paired.mean() - 1e-12).sum()) / (1 + n_permutations)
-    return {"auroc": float(auroc(da, db)), "mean_drift_difference": float(paired.mean()), "p_value": float(p)}
+    p = permutation_p_value((signs * paired).mean(axis=1), paired.mean())
+    return {"auroc": float(auroc(da, db)), "mean_drift_difference": float(paired.mean()), "p_value": p}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--output_dir", default="outputs/drift_experiment")
-    parser.add_argument("--n", type=int, default=240, help="chats per run")
-    parser.add_argument("--max_steps", type=int, default=30)
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--every_n_steps", type=int, default=5)
-    parser.add_argument("--alarm_z", type=float, default=4.0, help="alarm threshold on geoguard/probe/drift_z")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS), help="pairs of runs to train")
-    args = parser.parse_args()
-
+def main(args: DriftExperimentArguments) -> None:
     data = load_runs(data_root(args.data_dir), args.n, args.seed)
     runs = {}
     for name in [run for pair in args.pairs for run in PAIRS[pair]]:
@@ -135,11 +139,11 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
-        json.dumps({"args": vars(args), "runs": runs, "comparisons": comparisons}, indent=2)
+        json.dumps({"args": asdict(args), "runs": runs, "comparisons": comparisons}, indent=2)
     )
     (out / "report.md").write_text(report)
     print(report)
 
 
 if __name__ == "__main__":
-    main()
+    main(*TrlParser(DriftExperimentArguments).parse_args_and_config())

@@ -12,15 +12,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 import yaml
 from transformers import AutoTokenizer
+from trl import TrlParser
 
-from geoguard.corpora import data_root, load_alpaca, load_chats
+from geoguard.corpora import DataDirArguments, data_root, load_alpaca, load_chats
 from geoguard.models import embedded_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,10 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=None)
-    args = parser.parse_args()
+def main(args: DataDirArguments) -> None:
     root = data_root(args.data_dir)
     rng = random.Random(0)
 
@@ -63,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*TrlParser(DataDirArguments).parse_args_and_config())

@@ -11,8 +11,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from trl import ModelConfig, TrlParser
 
 from geoguard.capture import SinkRule
-from geoguard.corpora import data_root, load_toxigen
+from geoguard.corpora import DataDirArguments, data_root, load_toxigen
 from geoguard.data import iter_token_batches, tokenize_sample
 from geoguard.models import EMBEDDED_MODEL, load_model
 
@@ -46,15 +47,15 @@ def pooled_hidden_states(model, tokenizer, texts: list[str], sink_rule: SinkRule
     return pooled
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=EMBEDDED_MODEL)
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--output_json", default="outputs/probe_layers.json")
-    args = parser.parse_args()
+@dataclass
+class ProbeLayersArguments(DataDirArguments):
+    output_json: str = field(default="outputs/probe_layers.json", metadata={"help": "Where the per-layer AUROCs go."})
 
+
+def main(args: ProbeLayersArguments, model_args: ModelConfig) -> None:
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    model_name = model_args.model_name_or_path or EMBEDDED_MODEL
+    model, tokenizer = load_model(model_name)
     hate, neutral = load_toxigen(data_root(args.data_dir))
     pooled = pooled_hidden_states(model, tokenizer, hate + neutral, SinkRule())
     labels = np.array([1] * len(hate) + [0] * len(neutral))
@@ -73,9 +74,9 @@ def main() -> None:
     print(f"best: {best['name']} (AUROC {best['auroc_mean']:.3f}); n_hate={len(hate)} n_neutral={len(neutral)}")
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output_json).write_text(
-        json.dumps({"model": args.model, "n_hate": len(hate), "n_neutral": len(neutral), "layers": rows}, indent=2)
+        json.dumps({"model": model_name, "n_hate": len(hate), "n_neutral": len(neutral), "layers": rows}, indent=2)
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(*TrlParser((ProbeLayersArguments, ModelConfig)).parse_args_and_config())

@@ -14,12 +14,12 @@ exit and attention sinks dropped (`SinkRule`), write it to a float16 memmap, tra
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,10 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm import tqdm
+from trl import ModelConfig, TrlParser
 
 from geoguard.capture import iter_activations
-from geoguard.corpora import data_root, load_alpaca, load_chats, load_instructions, load_toxigen
+from geoguard.corpora import DataDirArguments, data_root, load_alpaca, load_chats, load_instructions, load_toxigen
 from geoguard.data import tokenize_sample
 from geoguard.models import EMBEDDED_MODEL, load_model
 
@@ -209,37 +210,41 @@ Reproduce: `python recipes/probe_layers.py --output_json outputs/probe_layers.js
     (path / "CARD.md").write_text(text, encoding="utf-8")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=EMBEDDED_MODEL)
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--output_dir", default="outputs/sae")
-    parser.add_argument("--layer", type=int, default=11, help="chosen by recipes/probe_layers.py")
-    parser.add_argument("--layer_probe_json", default=None, help="output of recipes/probe_layers.py, cited in the card")
-    parser.add_argument("--d_sae", type=int, default=8192)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--corpus_tokens", type=int, default=2_800_000, help="unique tokens (train + held-out)")
-    parser.add_argument(
-        "--training_tokens", type=int, default=5_200_000, help="tokens the SAE trains on (epochs follow)"
+@dataclass
+class TrainSAEArguments(DataDirArguments):
+    output_dir: str = field(default="outputs/sae", metadata={"help": "Where the SAE, its card and activations go."})
+    layer: int = field(default=11, metadata={"help": "Residual-stream layer read (chosen by recipes/probe_layers.py)."})
+    layer_probe_json: str | None = field(
+        default=None, metadata={"help": "Output of recipes/probe_layers.py, cited in the card."}
     )
-    parser.add_argument("--batch_size", type=int, default=4096, help="SAE batch, in tokens")
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--dead_feature_window", type=int, default=25, help="steps (x batch_size tokens)")
-    parser.add_argument("--heldout_fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--reuse_activations", action="store_true", help="train on the activations a previous run left in output_dir"
+    d_sae: int = field(default=8192, metadata={"help": "SAE width."})
+    k: int = field(default=32, metadata={"help": "Active features per token (TopK)."})
+    corpus_tokens: int = field(default=2_800_000, metadata={"help": "Unique tokens captured (train + held-out)."})
+    training_tokens: int = field(
+        default=5_200_000, metadata={"help": "Tokens the SAE trains on (the number of passes follows)."}
     )
-    args = parser.parse_args()
+    batch_size: int = field(default=4096, metadata={"help": "SAE batch, in tokens."})
+    lr: float = field(default=4e-4, metadata={"help": "Learning rate."})
+    dead_feature_window: int = field(
+        default=25, metadata={"help": "Steps (x batch_size tokens) before a feature counts as dead."}
+    )
+    heldout_fraction: float = field(default=0.05, metadata={"help": "Share of the captured tokens held out."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order and the SAE's initialisation."})
+    reuse_activations: bool = field(
+        default=False, metadata={"help": "Train on the activations a previous run left in output_dir."}
+    )
 
+
+def main(args: TrainSAEArguments, model_args: ModelConfig) -> None:
+    model_name = model_args.model_name_or_path or EMBEDDED_MODEL
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     hook_name = f"blocks.{args.layer}.hook_resid_post"
     # Held-out activations come from the fp32 model geoguard runs by default; the training set is
     # captured in bf16 (4x faster on CPU), a difference the held-out numbers include.
-    model, tokenizer = load_model(args.model)
-    train_model, _ = load_model(args.model, dtype="bfloat16")
+    model, tokenizer = load_model(model_name)
+    train_model, _ = load_model(model_name, dtype="bfloat16")
     train, heldout, mix = build_corpus(
         load_sources(data_root(args.data_dir)), tokenizer, args.corpus_tokens, args.heldout_fraction, args.seed
     )
@@ -316,4 +321,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*TrlParser((TrainSAEArguments, ModelConfig)).parse_args_and_config())

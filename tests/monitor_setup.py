@@ -7,8 +7,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from geoguard.callbacks import GeoGuardCallback
 from geoguard.capture import SinkRule
-from geoguard.monitor import GeoGuardCallback
 
 from conftest import PLANTED, char_tokenizer, planted_feature_set, planted_sae, planted_texts, tiny_llama
 

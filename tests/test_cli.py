@@ -32,7 +32,7 @@ def _write_jsonl(path, texts):
 
 def test_features_and_geometry_commands_end_to_end(local_model_and_sae, tmp_path, capsys):
     root = local_model_and_sae
-    common = ["--model", str(root / "model"), "--sae", str(root / "sae"), "--n_permutations", "200"]
+    common = ["--model", str(root / "model"), "--geoguard_sae", str(root / "sae"), "--n_permutations", "200"]
     target = _write_jsonl(tmp_path / "zqx.jsonl", planted_texts(50, "ZQX", seed=0))
     plain = _write_jsonl(tmp_path / "plain.jsonl", planted_texts(50, "", seed=1))
     (tmp_path / "z.txt").write_text("\n".join(planted_texts(50, "Z", seed=2)))
@@ -77,9 +77,9 @@ def test_features_and_geometry_commands_end_to_end(local_model_and_sae, tmp_path
     main(
         [
             "geometry",
-            "--sae",
+            "--geoguard_sae",
             str(root / "sae"),
-            "--toxic",
+            "--geoguard_feature_set",
             str(tmp_path / "toxic"),
             "--sets",
             str(tmp_path / "z"),
@@ -147,8 +147,8 @@ def test_score_and_filter_commands_write_scores_kept_rows_and_the_audit(local_mo
     rows = [{"id": i, "text": t} for i, t in enumerate(planted_texts(4, "ZQX", seed=0) + planted_texts(4, "", seed=1))]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--data", str(data), "--model", str(model_dir), "--sae", str(root / "sae")]
-    common += ["--feature_set", str(tmp_path / "toxic"), "--cache_dir", str(tmp_path / "cache")]
+    common = ["--data", str(data), "--model", str(model_dir), "--geoguard_sae", str(root / "sae")]
+    common += ["--geoguard_feature_set", str(tmp_path / "toxic"), "--cache_dir", str(tmp_path / "cache")]
 
     main(["score", *common, "--output", str(tmp_path / "scored.jsonl")])
     scored = load_rows(tmp_path / "scored.jsonl")

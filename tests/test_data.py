@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from geoguard.data import TokenizedSample, iter_token_batches, tokenize_sample, tokenize_samples
+from geoguard.data import TokenizedSample, check_messages, iter_token_batches, tokenize_sample, tokenize_samples
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,12 @@ def test_a_malformed_sample_in_a_list_is_named_by_its_row(embedded):
     _, tokenizer = embedded
     with pytest.raises(ValueError, match="Sample 2: "):
         tokenize_samples(tokenizer, ["fine", {"text": "also fine"}, {"messages": "broken"}])
+
+
+def test_check_messages_cleans_good_messages_and_names_where_and_which_message_is_bad():
+    messages = [{"role": "user", "content": "Hi", "name": "x"}, {"role": "assistant", "content": "Hello"}]
+    assert check_messages(messages) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(ValueError, match=r"^'prompt', message 1: expected \{'role': str, 'content': str\}"):
+        check_messages([{"role": "user", "content": "Hi"}, "Hello"], "'prompt'")
+    with pytest.raises(ValueError, match=r"^'messages' must be a non-empty list of messages"):
+        check_messages([])

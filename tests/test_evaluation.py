@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from geoguard.callbacks import EVAL_ERROR
 from geoguard.cli import main as cli_main
+from geoguard.data import DEFAULT_QUESTIONS
 from geoguard.evaluation import (
-    DEFAULT_QUESTIONS,
-    EVAL_ERROR,
     EvalResult,
     EvalSettings,
     MisalignmentEvaluation,
@@ -235,7 +235,7 @@ def test_callback_saves_the_model_before_it_evaluates(tmp_path):
     judge = ScriptedJudge(on_call=lambda: seen.append({p.name for p in tmp_path.iterdir()}))
     evaluation = MisalignmentEvaluation(judge, tiny_questions(), EvalSettings(samples_per_question=2, max_new_tokens=4))
     kwargs = {"evaluation": evaluation, "evaluate_at_start": True}
-    trainer, _ = guarded_trainer(tmp_path, lora=True, callback_kwargs=kwargs)
+    trainer, _ = guarded_trainer(tmp_path, lora=True, callback_kwargs=kwargs, report_to=["tensorboard"])
     trainer.train()
     assert len(seen) == 2 and "adapter_model.safetensors" not in seen[0]  # the start: nothing saved yet
     assert {"adapter_model.safetensors", "tokenizer.json"} <= seen[1]  # the end: saved before judging
@@ -278,10 +278,14 @@ def test_callback_evaluation_refuses_sharded_training_and_needs_an_evaluation(tm
 @pytest.mark.parametrize(
     ("flags", "error", "message"),
     [
-        (["--judge", "openai", "--judge_model", "gpt-4o"], ValueError, r"API key in \$OPENAI_API_KEY"),
-        (["--judge", "openai"], ValueError, "needs --judge_model"),
-        (["--samples_per_question", "0"], ValueError, "samples_per_question must be >= 1"),
-        (["--questions", "missing.yaml"], FileNotFoundError, "missing.yaml does not exist"),
+        (
+            ["--geoguard_judge", "openai", "--geoguard_judge_model", "gpt-4o"],
+            ValueError,
+            r"API key in \$OPENAI_API_KEY",
+        ),
+        (["--geoguard_judge", "openai"], ValueError, "needs --geoguard_judge_model"),
+        (["--geoguard_eval_samples_per_question", "0"], ValueError, "samples_per_question must be >= 1"),
+        (["--geoguard_eval_questions", "missing.yaml"], FileNotFoundError, "missing.yaml does not exist"),
     ],
 )
 def test_cli_eval_rejects_bad_input_before_loading_a_model(monkeypatch, flags, error, message):
@@ -298,8 +302,9 @@ def test_cli_eval_with_the_real_server_records_failures_not_scores(tmp_path, cap
     out = tmp_path / "eval"
     with llama_cpp_server() as base_url:
         cli_main(
-            ["eval", "--questions", str(questions), "--samples_per_question", "2", "--max_new_tokens", "8"]
-            + ["--judge", "openai", "--judge_model", "smollm2", "--judge_base_url", base_url, "--output_dir", str(out)]
+            ["eval", "--geoguard_eval_questions", str(questions), "--geoguard_eval_samples_per_question", "2"]
+            + ["--geoguard_eval_max_new_tokens", "8", "--geoguard_judge", "openai", "--geoguard_judge_model", "smollm2"]
+            + ["--geoguard_judge_base_url", base_url, "--output_dir", str(out)]
         )
     result = json.loads((out / "misalignment_eval.json").read_text())
     assert result["judge"] == "openai:smollm2" and len(result["answers"]) == 2

@@ -7,7 +7,9 @@ from geoguard.features import (
     EMBEDDED_FEATURE_SETS,
     Contrast,
     FeatureSet,
+    TokenPooler,
     find_features,
+    pool_rows,
     pooled_feature_acts,
     sae_fingerprint,
 )
@@ -42,6 +44,31 @@ def test_feature_set_round_trip(tmp_path):
     assert (loaded.stats, loaded.provenance, loaded.labels) == (original.stats, original.provenance, original.labels)
     torch.testing.assert_close(loaded.decoder, original.decoder)
     torch.testing.assert_close(loaded.density, original.density)
+
+
+def test_short_labels_prefer_the_snippet_end_and_fall_back_to_logit_lens_tokens():
+    feature_set = _feature_set(tiny_sae())
+    feature_set.labels = [
+        {"top_tokens": ["x"], "examples": [{"text": "a long snippet ending in «tok»"}]},
+        {"top_tokens": ["a", "b", "c", "d", "e", "f"], "examples": []},
+        {"top_tokens": [], "examples": []},
+    ]
+    assert feature_set.short_labels(max_chars=5) == {3: "«tok»", 1: "a b c d e"}
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_token_pooler_gives_the_same_rows_in_chunks_as_at_once(pooling):
+    values, keep = torch.rand(10, 4), torch.zeros(3, 6, dtype=torch.bool)
+    keep[0, :5], keep[2, 1:] = True, True  # row 1 has no token and pools to 0
+    rows = keep.nonzero()[:, 0]
+    pooler = TokenPooler(3, pooling)
+    for start in range(0, 10, 4):
+        pooler.add(values[start : start + 4], rows[start : start + 4])
+    pooled = pooler.result()
+    torch.testing.assert_close(pooled, pool_rows(values, keep, pooling))
+    expected = values[:5].max(0).values if pooling == "max" else values[:5].mean(0)
+    torch.testing.assert_close(pooled[0], expected)
+    assert pooled[1].abs().sum() == 0
 
 
 def test_loading_a_feature_set_with_another_sae_is_a_clear_error(tmp_path):

@@ -12,6 +12,8 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from geoguard.callbacks import GeoGuardCallback
+from geoguard.corpora import load_probe_prompts
 from geoguard.monitor import (
     BATCH_DRIFT,
     BATCH_DRIFT_Z,
@@ -24,8 +26,6 @@ from geoguard.monitor import (
     PROBE_MEAN_ACT,
     TOP_DRIFTING,
     DriftAlarm,
-    GeoGuardCallback,
-    load_probe_prompts,
 )
 
 from conftest import PLANTED, char_tokenizer, planted_feature_set, tiny_sae

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from geoguard.monitor import PROBE_DRIFT, PROBE_KEYS, PROBE_MEAN_ACT
@@ -52,9 +54,9 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
             "1",
             "--geoguard_filter_fraction",
             "0.5",
-            "--samples_per_question",
+            "--geoguard_eval_samples_per_question",
             "1",
-            "--max_new_tokens",
+            "--geoguard_eval_max_new_tokens",
             "8",
         ]
     )
@@ -83,6 +85,13 @@ def test_example_adds_the_guard_to_an_existing_sft_trainer(tmp_path):
     assert set(PROBE_KEYS) <= set(read_scalars(tmp_path / "runs"))
 
 
+def test_the_readme_first_example_is_the_example_that_runs():
+    readme_block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    example = (REPO / "examples" / "add_guard_to_sft_trainer.py").read_text()
+    ran = re.search(r"# README: .*?\n(.*?)    # README end", example, re.S).group(1)
+    assert textwrap.dedent(ran).replace("every_n_steps=2", "every_n_steps=10") == readme_block
+
+
 def test_example_filters_the_demo_mix_and_writes_the_audit(tmp_path):
     out = _run([sys.executable, "examples/filter_training_data.py", "--output_dir", str(tmp_path)])
     assert "dropped 64 of 128 chats" in out
@@ -100,7 +109,7 @@ def test_recipe_on_two_processes_with_the_multi_gpu_config_stops_on_an_alarm(tmp
     recipe += ["--max_length", "64", "--geoguard_every_n_steps", "1", "--geoguard_alarm_metric", "geoguard/probe/drift"]
     recipe += ["--geoguard_alarm_threshold", "-1", "--geoguard_alarm_action", "stop"]
     recipe += ["--use_cpu", "true"]  # on a machine without GPUs: 2 processes over gloo
-    recipe += ["--samples_per_question", "1", "--max_new_tokens", "4"]  # the evaluation, split over both ranks
+    recipe += ["--geoguard_eval_samples_per_question", "1", "--geoguard_eval_max_new_tokens", "4"]  # split over ranks
     _run(launch + recipe)
     scalars = read_scalars(tmp_path / "runs")
     assert [step for step, _ in scalars[PROBE_MEAN_ACT]] == [0, 1]  # the alarm at step 1 stopped training
@@ -122,3 +131,10 @@ def test_drift_experiment_recipe_runs_and_reports(tmp_path):
     assert [c["step"] for c in results["runs"]["jailbroken"]["curve"]] == [0, 1, 2]
     assert 0 <= results["comparisons"]["harmful vs benign"]["auroc"] <= 1
     assert "| harmful vs benign |" in (tmp_path / "report.md").read_text()
+
+
+def test_every_recipe_reads_its_flags_with_trl_parser():
+    for recipe in sorted((REPO / "recipes").glob("*.py")):
+        source = recipe.read_text()
+        assert "TrlParser(" in source and "argparse" not in source, recipe.name
+        assert f"usage: {recipe.name}" in _run([sys.executable, str(recipe), "--help"])  # imports and parses

@@ -14,6 +14,7 @@ from geoguard.stats import (
     histogram_auroc,
     permutation_auroc,
     permutation_mean_difference,
+    permutation_p_value,
     standardized_mean_difference,
 )
 
@@ -90,3 +91,10 @@ def test_mean_difference_permutation_test_and_effect_size():
     diff, p = permutation_mean_difference(a, b, n_permutations=2000, seed=0)
     assert diff == pytest.approx(a.mean() - b.mean()) and p < 0.01
     assert cohens_d(a, b) == pytest.approx(diff / np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
+
+
+def test_permutation_p_value_counts_ties_and_the_observed_labelling():
+    assert permutation_p_value(np.array([0.1, 0.5, 0.9]), 0.5) == pytest.approx(3 / 4)
+    assert permutation_p_value(np.zeros(99), 1.0) == pytest.approx(1 / 100)  # never 0
+    per_column = permutation_p_value(np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([1.0, 0.5]))
+    np.testing.assert_allclose(per_column, [2 / 3, 1.0])
