@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
+import geoguard
 from geoguard import GeoGuardConfig, GeoGuardEvalConfig, GeoGuardSAEConfig, get_geoguard_callback
 from geoguard.callbacks import GeoGuardCallback
 from geoguard.evaluation import EvalSettings, MisalignmentEvaluation, Question, load_questions
@@ -145,3 +148,29 @@ def test_the_end_of_run_evaluation_reaches_the_reporters_before_they_close(tmp_p
     evaluated = [(step, logs) for step, logs in recorder.received if "geoguard/eval/misaligned_rate" in logs]
     assert [step for step, _ in evaluated] == [3]
     assert evaluated[0][1]["geoguard/eval/misaligned_rate"] == 1.0  # aligned 10, coherent 90: all misaligned
+
+
+def test_the_package_has_no_import_cycles_and_no_hidden_imports_of_its_own_modules():
+    package = Path(geoguard.__file__).parent
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {node for node in tree.body if isinstance(node, ast.ImportFrom)}
+        imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        own = [node for node in imports if node.module.startswith("geoguard.")]
+        assert all(node in top for node in own), f"{path.name} imports a geoguard module inside a function"
+        graph[path.stem] = {node.module.removeprefix("geoguard.") for node in own}
+    visiting, done = set(), set()
+
+    def visit(module, chain):
+        assert module not in visiting, f"import cycle: {' -> '.join(chain + [module])}"
+        if module in done:
+            return
+        visiting.add(module)
+        for dependency in graph.get(module, ()):
+            visit(dependency, chain + [module])
+        visiting.remove(module)
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
