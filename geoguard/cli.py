@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 from datasets import Dataset
 from trl import TrlParser
 
 from geoguard.config import GeoGuardEvalConfig, GeoGuardSAEConfig, get_evaluation
-from geoguard.corpora import load_rows, load_samples, rows_to_samples
+from geoguard.corpora import load_rows, load_samples, rows_to_samples, subset_indices
 from geoguard.data import Span
 from geoguard.distributed import process_state
 from geoguard.evaluation import EvalResult, load_questions, write_evaluation
@@ -47,8 +48,10 @@ from geoguard.scoring import (
     ScoreMethod,
     ScoreSettings,
     ToxicScorer,
+    default_score_cache,
     score_dataset,
 )
+from geoguard.validation import Valid, at_least, between, check_fields
 
 
 @dataclass
@@ -60,6 +63,17 @@ class ModelArguments:
 
 @dataclass
 class FeaturesArguments(ModelArguments):
+    valid: ClassVar[dict[str, Valid]] = {
+        "max_samples": at_least(1),
+        "k": at_least(1),
+        "heldout_fraction": between(0, 1, open_low=True, open_high=True),
+        "max_sample_firing": between(0, 1, open_low=True),
+        "n_permutations": at_least(1),
+        "batch_size": at_least(1),
+        "max_length": at_least(1),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
+
     target: list[str] = field(
         default_factory=list,
         metadata={"help": "Target-side data (file, saved folder or Hub name), one per contrast, e.g. toxic.jsonl."},
@@ -80,9 +94,17 @@ class FeaturesArguments(ModelArguments):
     span: Span = field(default="all", metadata={"help": "Tokens used: all, prompt or response."})
     pooling: Pooling = field(default="mean", metadata={"help": "Per-sample pooling: mean (length-normalised) or max."})
     rank_by: RankBy = field(default="auroc", metadata={"help": "Selection statistic: auroc or smd."})
-    heldout_fraction: float = field(default=0.3, metadata={"help": "Share of each side held out of selection."})
+    heldout_fraction: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of each side held out of selection.",
+        },
+    )
     max_sample_firing: float = field(
-        default=0.9, metadata={"help": "Skip features active in more than this share of every side."}
+        default=0.9,
+        metadata={
+            "help": "Skip features active in more than this share of every side.",
+        },
     )
     match_lengths: bool = field(
         default=False, metadata={"help": "Subsample so both sides have the same length histogram."}
@@ -93,6 +115,7 @@ class FeaturesArguments(ModelArguments):
     seed: int = field(default=0, metadata={"help": "Seed of subsets, splits and permutations."})
 
     def __post_init__(self):
+        check_fields(self)
         if not self.target or len(self.target) != len(self.reference):
             raise ValueError(
                 f"Give one --reference per --target (got {len(self.target)} target and {len(self.reference)} reference "
@@ -106,6 +129,12 @@ class FeaturesArguments(ModelArguments):
 
 @dataclass
 class GeometryArguments:
+    valid: ClassVar[dict[str, Valid]] = {
+        "n_null": at_least(1),
+        "n_permutations": at_least(1),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
+
     sets: list[str] = field(
         default_factory=list,
         metadata={
@@ -119,6 +148,7 @@ class GeometryArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the nulls and permutations."})
 
     def __post_init__(self):
+        check_fields(self)
         if not self.sets or not self.output_dir:
             raise ValueError(
                 "geoguard geometry needs --sets DIR [DIR ...] and --output_dir DIR (and --geoguard_feature_set DIR "
@@ -135,12 +165,21 @@ def _contrast(args: FeaturesArguments, target: str, reference: str) -> Contrast:
     return Contrast(f"{Path(target).stem}_vs_{Path(reference).stem}", load(target), load(reference))
 
 
-def run_features(args: FeaturesArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> FeatureSet:
-    """`geoguard features`: select a feature set and write it with its card (`command` goes into its provenance)."""
+def read_features_inputs(args: FeaturesArguments, sae_args: GeoGuardSAEConfig) -> dict:
+    """The contrasts' samples and the SAE, checked (`--k` against the SAE's width)."""
     contrasts = [_contrast(args, t, r) for t, r in zip(args.target, args.reference, strict=True)]
     checks = [_contrast(args, t, r) for t, r in zip(args.check_target, args.check_reference, strict=True)]
-    model, tokenizer = load_model(args.model)
     sae = load_sae(sae_args.geoguard_sae, sae_args.geoguard_sae_id)
+    if args.k > sae.cfg.d_sae:
+        raise ValueError(f"--k {args.k} exceeds the SAE's {sae.cfg.d_sae} features; choose --k <= {sae.cfg.d_sae}.")
+    return {"contrasts": contrasts, "checks": checks, "sae": sae}
+
+
+def run_features(
+    args: FeaturesArguments, sae_args: GeoGuardSAEConfig, *, contrasts, checks, sae, command: str = ""
+) -> FeatureSet:
+    """`geoguard features`: select a feature set and write it with its card (`command` goes into its provenance)."""
+    model, tokenizer = load_model(args.model)
     feature_set = find_features(
         model,
         tokenizer,
@@ -180,11 +219,14 @@ def run_features(args: FeaturesArguments, sae_args: GeoGuardSAEConfig, command: 
     return feature_set
 
 
-def run_geometry(args: GeometryArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> Path:
-    """`geoguard geometry`: compare feature sets with the toxic set and write the report (`command` is unused;
-    every subcommand takes it)."""
+def read_geometry_inputs(args: GeometryArguments, sae_args: GeoGuardSAEConfig) -> dict:
+    """The SAE, the toxic set and the compared sets, each checked to belong to the SAE."""
     sae, toxic = sae_args.load()
-    sets = [FeatureSet.load(path, sae=sae) for path in args.sets]
+    return {"sae": sae, "toxic": toxic, "sets": [FeatureSet.load(path, sae=sae) for path in args.sets]}
+
+
+def run_geometry(args: GeometryArguments, sae_args: GeoGuardSAEConfig, *, sae, toxic, sets, command: str = "") -> Path:
+    """`geoguard geometry`: compare feature sets with the toxic set and write the report (no model needed)."""
     result = measure_geometry(
         toxic, sets, sae.W_dec, n_null=args.n_null, n_permutations=args.n_permutations, seed=args.seed
     )
@@ -212,6 +254,14 @@ _WRITERS = {
 
 @dataclass
 class ScoreArguments(ModelArguments):
+    valid: ClassVar[dict[str, Valid]] = {
+        "max_samples": at_least(1),
+        "batch_size": at_least(1),
+        "max_length": at_least(1),
+        "chunk_size": at_least(1),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
+
     data: str = field(
         default="", metadata={"help": "Data to score: a JSON/JSONL/CSV/Parquet file, a saved folder or a Hub data set."}
     )
@@ -240,10 +290,13 @@ class ScoreArguments(ModelArguments):
     no_cache: bool = field(default=False, metadata={"help": "Neither read nor write the score cache."})
     chunk_size: int = field(
         default=256,
-        metadata={"help": "Samples per cache chunk: the unit of resuming and of splitting across processes."},
+        metadata={
+            "help": "Samples per cache chunk: the unit of resuming and of splitting across processes.",
+        },
     )
 
     def __post_init__(self):
+        check_fields(self)
         if not self.data or not self.output:
             raise ValueError("--data (the data set) and --output (where its rows are written) are required.")
         if Path(self.output).suffix not in ("", *_WRITERS):
@@ -254,6 +307,12 @@ class ScoreArguments(ModelArguments):
 
 @dataclass
 class FilterArguments(ScoreArguments):
+    valid: ClassVar[dict[str, Valid]] = {
+        "fraction": between(0, 1),
+        "percentile": between(0, 100),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
+
     policy: Literal["top_fraction", "threshold", "reference_percentile"] = field(
         default="top_fraction",
         metadata={
@@ -264,7 +323,10 @@ class FilterArguments(ScoreArguments):
     fraction: float = field(default=0.5, metadata={"help": "Share dropped by the top_fraction policy."})
     threshold: float | None = field(default=None, metadata={"help": "Score above which the threshold policy drops."})
     reference: str | None = field(default=None, metadata={"help": "Benign data calibrating reference_percentile."})
-    percentile: float = field(default=95.0, metadata={"help": "Percentile of the reference scores used as threshold."})
+    percentile: float = field(
+        default=95.0,
+        metadata={"help": "Percentile of the reference scores used as threshold."},
+    )
     dropped: str | None = field(
         default=None, metadata={"help": "Audit file of dropped rows (default: <output>.dropped.jsonl)."}
     )
@@ -277,18 +339,36 @@ class FilterArguments(ScoreArguments):
             raise ValueError("--policy reference_percentile needs --reference BENIGN_DATA.")
 
 
-def _scorer(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> ToxicScorer:
+def _scorer(args: ScoreArguments, sae, feature_set: FeatureSet) -> ToxicScorer:
     device = process_state().device  # each process scores on its own GPU under accelerate launch
     model, tokenizer = load_model(args.model, device=device)
-    sae, feature_set = sae_args.load()
     settings = ScoreSettings(method=args.method, span=args.span, pooling=args.pooling, max_length=args.max_length)
     return ToxicScorer(model, tokenizer, sae.to(device), feature_set, settings, batch_size=args.batch_size)
 
 
 def _load(args: ScoreArguments, source: str) -> tuple[Dataset, list]:
-    """Rows and samples of `source`, read (and checked row by row) before any model is loaded."""
-    rows = load_rows(source, split=args.split, max_samples=args.max_samples, seed=args.seed)
-    return rows, rows_to_samples(rows, text_field=args.text_field, source=source)
+    """Rows and samples of `source`: every row of the file checked (errors name it), then the subset drawn."""
+    rows = load_rows(source, split=args.split)
+    samples = rows_to_samples(rows, text_field=args.text_field, source=source)
+    keep = subset_indices(len(rows), args.max_samples, args.seed)
+    return rows.select(keep), [samples[i] for i in keep]
+
+
+def read_score_inputs(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> dict:
+    """The rows and samples to score (and, for `filter`, the reference samples), the SAE and the feature set."""
+    rows, samples = _load(args, args.data)
+    reference = None
+    if getattr(args, "policy", None) == "reference_percentile":
+        reference = _load(args, args.reference)[1]
+    sae, feature_set = sae_args.load()
+    return {"rows": rows, "samples": samples, "reference": reference, "sae": sae, "feature_set": feature_set}
+
+
+def _score_interrupted(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> str:
+    if args.no_cache:
+        return "Nothing was kept (--no_cache); run the command again without --no_cache to make it resumable."
+    cache = args.cache_dir or default_score_cache()
+    return f"The scores of every finished chunk are cached under {cache}; run the same command again to resume."
 
 
 def _score(scorer: ToxicScorer, args: ScoreArguments, samples: list) -> SampleScores:
@@ -296,10 +376,11 @@ def _score(scorer: ToxicScorer, args: ScoreArguments, samples: list) -> SampleSc
     return score_dataset(scorer, samples, cache=cache, chunk_size=args.chunk_size)
 
 
-def run_score(args: ScoreArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> SampleScores:
+def run_score(
+    args: ScoreArguments, sae_args: GeoGuardSAEConfig, *, rows, samples, reference, sae, feature_set, command: str = ""
+) -> SampleScores:
     """`geoguard score`: write the rows with `geoguard_score` and `geoguard_nearest` (top toxic feature ids) columns."""
-    rows, samples = _load(args, args.data)
-    scores = _score(_scorer(args, sae_args), args, samples)
+    scores = _score(_scorer(args, sae, feature_set), args, samples)
     if process_state().is_main_process:
         for column in (SCORE_COLUMN, NEAREST_COLUMN):
             if column in rows.column_names:
@@ -315,11 +396,11 @@ def run_score(args: ScoreArguments, sae_args: GeoGuardSAEConfig, command: str = 
     return scores
 
 
-def run_filter(args: FilterArguments, sae_args: GeoGuardSAEConfig, command: str = "") -> FilterResult | None:
+def run_filter(
+    args: FilterArguments, sae_args: GeoGuardSAEConfig, *, rows, samples, reference, sae, feature_set, command: str = ""
+) -> FilterResult | None:
     """`geoguard filter`: score, apply the policy, write the kept rows and the audit file of dropped rows."""
-    rows, samples = _load(args, args.data)
-    reference = _load(args, args.reference)[1] if args.policy == "reference_percentile" else None
-    scorer = _scorer(args, sae_args)
+    scorer = _scorer(args, sae, feature_set)
     scores = _score(scorer, args, samples)
     if args.policy == "top_fraction":
         policy = DropTopFraction(args.fraction)
@@ -350,18 +431,30 @@ class EvalCommandArguments(ModelArguments):
     )
 
 
-def run_eval(
-    args: EvalCommandArguments, sae_args: GeoGuardSAEConfig, eval_args: GeoGuardEvalConfig, command: str = ""
-) -> EvalResult:
-    """`geoguard eval`: answer the questions with --model, judge, write misalignment_eval.{json,md} and TensorBoard."""
-    # A bad question file, a missing API key or a judge model without a chat template fails before the model loads.
+def read_eval_inputs(args: EvalCommandArguments, sae_args: GeoGuardSAEConfig, eval_args: GeoGuardEvalConfig) -> dict:
+    """The questions and the judge (a bad question file or a missing API key fails here); for the `sae` judge,
+    which reads answers with the evaluated model, the SAE and the feature set."""
     if eval_args.geoguard_eval_questions:
         load_questions(eval_args.geoguard_eval_questions)
-    evaluation = None if eval_args.geoguard_judge == "sae" else get_evaluation(eval_args)
+    if eval_args.geoguard_judge == "sae":
+        return {"evaluation": None, "sae_and_features": sae_args.load()}
+    return {"evaluation": get_evaluation(eval_args), "sae_and_features": None}
+
+
+def run_eval(
+    args: EvalCommandArguments,
+    sae_args: GeoGuardSAEConfig,
+    eval_args: GeoGuardEvalConfig,
+    *,
+    evaluation,
+    sae_and_features,
+    command: str = "",
+) -> EvalResult:
+    """`geoguard eval`: answer the questions with --model, judge, write misalignment_eval.{json,md} and TensorBoard."""
     device = process_state().device
     model, tokenizer = load_model(args.model, device=device)
     if evaluation is None:
-        sae, feature_set = sae_args.load()
+        sae, feature_set = sae_and_features
         evaluation = get_evaluation(eval_args, model, tokenizer, sae.to(device), feature_set)
     baseline = None
     if args.baseline_model:
@@ -377,9 +470,10 @@ def run_eval(
             paths = write_evaluation(result, args.output_dir, writer=writer)
         o = result.overall
         rate = "n/a" if o["misaligned_rate"] is None else f"{o['misaligned_rate']:.1%}"
+        incoherent = "coherence not judged" if o["incoherent"] is None else f"{o['incoherent']} incoherent"
         print(
             f"Misaligned: {rate} ({o['misaligned']}/{o['denominator']}; {o['code']} CODE, {o['refusal']} REFUSAL, "
-            f"{o['failed']} failed, {o['incoherent']} incoherent; judge {result.judge}). Report: {paths['report']}; "
+            f"{o['failed']} failed, {incoherent}; judge {result.judge}). Report: {paths['report']}; "
             f"data: {paths['json']}."
         )
     return result
@@ -391,23 +485,54 @@ def write_rows(rows: Dataset, path: str) -> None:
     _WRITERS.get(Path(path).suffix, lambda rows, path: rows.save_to_disk(path))(rows, path)
 
 
+class Command(NamedTuple):
+    """A subcommand: its settings, what it reads and checks before any model loads, the run, and what an
+    interruption (Ctrl-C) leaves behind."""
+
+    settings: tuple[type, ...]
+    read_inputs: Callable[..., dict]
+    run: Callable[..., object]
+    interrupted: Callable[..., str]
+
+
+def _nothing_kept(*settings) -> str:
+    return "Nothing was written (nothing is cached for this command); run the same command again to start over."
+
+
 COMMANDS = {
-    "features": ((FeaturesArguments, GeoGuardSAEConfig), run_features),
-    "geometry": ((GeometryArguments, GeoGuardSAEConfig), run_geometry),
-    "score": ((ScoreArguments, GeoGuardSAEConfig), run_score),
-    "filter": ((FilterArguments, GeoGuardSAEConfig), run_filter),
-    "eval": ((EvalCommandArguments, GeoGuardSAEConfig, GeoGuardEvalConfig), run_eval),
+    "features": Command((FeaturesArguments, GeoGuardSAEConfig), read_features_inputs, run_features, _nothing_kept),
+    "geometry": Command((GeometryArguments, GeoGuardSAEConfig), read_geometry_inputs, run_geometry, _nothing_kept),
+    "score": Command((ScoreArguments, GeoGuardSAEConfig), read_score_inputs, run_score, _score_interrupted),
+    "filter": Command((FilterArguments, GeoGuardSAEConfig), read_score_inputs, run_filter, _score_interrupted),
+    "eval": Command(
+        (EvalCommandArguments, GeoGuardSAEConfig, GeoGuardEvalConfig), read_eval_inputs, run_eval, _nothing_kept
+    ),
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> object:
+    """Run a `geoguard` subcommand. Every command goes the same way: parse and check the settings, read and
+    check the input data, and only then load a model. A bad setting or input ends the command with one line
+    naming it and exit code 2; Ctrl-C ends it with one line saying what was kept, and exit code 130."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\nCommands: " + ", ".join(COMMANDS), file=sys.stderr)
         raise SystemExit(2)
-    dataclasses, run = COMMANDS[argv[0]]
-    parser = TrlParser(dataclasses, prog=f"geoguard {argv[0]}")
-    run(*parser.parse_args_and_config(argv[1:]), command="geoguard " + shlex.join(argv))
+    name, command = argv[0], COMMANDS[argv[0]]
+    try:
+        settings = TrlParser(command.settings, prog=f"geoguard {name}").parse_args_and_config(argv[1:])
+        inputs = command.read_inputs(*settings)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"geoguard {name}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"geoguard {name}: interrupted before any work; nothing was written.", file=sys.stderr)
+        raise SystemExit(130) from None
+    try:
+        return command.run(*settings, **inputs, command="geoguard " + shlex.join(argv))
+    except KeyboardInterrupt:
+        print(f"geoguard {name}: interrupted. {command.interrupted(*settings)}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ library's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from sae_lens import SAE
 from torch import nn
@@ -41,6 +41,7 @@ from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import PROBE_DRIFT_Z, DriftAlarm, DriftMonitorCallback
 from geoguard.sae import EMBEDDED_SAE, load_sae
 from geoguard.scoring import ScoreSettings, ToxicScorer
+from geoguard.validation import Valid, above, at_least, between, check_fields
 
 _MONITOR = DriftMonitorCallback.__init__.__kwdefaults__  # the monitor's defaults, spelled once in the library
 
@@ -77,6 +78,14 @@ class GeoGuardSAEConfig:
 class GeoGuardConfig(GeoGuardSAEConfig):
     """The guard: the SAE and feature set, the drift monitor, its alarm, and the filter before training."""
 
+    valid: ClassVar[dict[str, Valid]] = {
+        "geoguard_every_n_steps": at_least(1),
+        "geoguard_baseline_steps": at_least(2),
+        "geoguard_batch_max_tokens": at_least(1),
+        "geoguard_filter_fraction": between(0, 1, open_high=True),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
+
     geoguard_probe_path: str | None = field(
         default=None,
         metadata={
@@ -86,15 +95,21 @@ class GeoGuardConfig(GeoGuardSAEConfig):
     )
     geoguard_every_n_steps: int = field(
         default=_MONITOR["every_n_steps"],
-        metadata={"help": "Run the probe and log the drift every N optimizer steps (and at the last step)."},
+        metadata={
+            "help": "Run the probe and log the drift every N optimizer steps (and at the last step).",
+        },
     )
     geoguard_baseline_steps: int = field(
         default=_MONITOR["baseline_steps"],
-        metadata={"help": "Optimizer steps whose batch readings form the baseline of the batch drift (>= 2)."},
+        metadata={
+            "help": "Optimizer steps whose batch readings form the baseline of the batch drift (>= 2).",
+        },
     )
     geoguard_batch_max_tokens: int | None = field(
         default=_MONITOR["batch_max_tokens"],
-        metadata={"help": "Trained tokens read per micro-batch for the batch drift (a random sample bounds the cost)."},
+        metadata={
+            "help": "Trained tokens read per micro-batch for the batch drift (a random sample bounds the cost).",
+        },
     )
     geoguard_alarm_metric: str | None = field(
         default=None,
@@ -114,16 +129,12 @@ class GeoGuardConfig(GeoGuardSAEConfig):
         default=0.0,
         metadata={
             "help": "Before training, drop this share of the training samples that score closest to the feature "
-            "set (the paper drops 0.5); 0 keeps all. Dropped samples go to <output_dir>/geoguard_dropped.jsonl."
+            "set (the paper drops 0.5); 0 keeps all. Dropped samples go to <output_dir>/geoguard_dropped.jsonl.",
         },
     )
 
     def __post_init__(self):
-        if not 0 <= self.geoguard_filter_fraction < 1:
-            raise ValueError(
-                f"geoguard_filter_fraction must be in [0, 1), got {self.geoguard_filter_fraction}: it is the share "
-                "of training samples dropped before training."
-            )
+        check_fields(self)
         self.alarms()  # a bad metric or action fails at parse time, not at train begin
 
     def alarms(self) -> list[DriftAlarm]:
@@ -135,6 +146,17 @@ class GeoGuardConfig(GeoGuardSAEConfig):
 @dataclass
 class GeoGuardEvalConfig:
     """The end-of-run misalignment evaluation: questions, sampling, and the judge."""
+
+    valid: ClassVar[dict[str, Valid]] = {
+        "geoguard_eval_samples_per_question": at_least(1),
+        "geoguard_eval_temperature": at_least(0),
+        "geoguard_eval_max_new_tokens": at_least(1),
+        "geoguard_eval_batch_size": at_least(1),
+        "geoguard_judge_timeout": above(0),
+        "geoguard_judge_max_retries": at_least(0),
+        "geoguard_judge_max_concurrency": at_least(1),
+    }
+    """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
 
     geoguard_eval: bool = field(
         default=False,
@@ -153,16 +175,19 @@ class GeoGuardEvalConfig:
         },
     )
     geoguard_eval_samples_per_question: int = field(
-        default=EvalSettings.samples_per_question, metadata={"help": "Answers sampled per question."}
+        default=EvalSettings.samples_per_question,
+        metadata={"help": "Answers sampled per question."},
     )
     geoguard_eval_temperature: float = field(
-        default=EvalSettings.temperature, metadata={"help": "Sampling temperature of the answers (0: greedy)."}
+        default=EvalSettings.temperature,
+        metadata={"help": "Sampling temperature of the answers (0: greedy)."},
     )
     geoguard_eval_max_new_tokens: int = field(
         default=EvalSettings.max_new_tokens, metadata={"help": "Longest answer, in tokens."}
     )
     geoguard_eval_batch_size: int = field(
-        default=EvalSettings.batch_size, metadata={"help": "Prompts answered at once per process."}
+        default=EvalSettings.batch_size,
+        metadata={"help": "Prompts answered at once per process."},
     )
     geoguard_eval_seed: int = field(default=EvalSettings.seed, metadata={"help": "Seed of the sampling."})
     geoguard_judge: Literal["sae", "hf", "openai"] = field(
@@ -190,6 +215,7 @@ class GeoGuardEvalConfig:
     geoguard_judge_max_concurrency: int = field(default=8, metadata={"help": "Judge requests in flight at once."})
 
     def __post_init__(self):
+        check_fields(self)
         if self.geoguard_judge == "openai" and not self.geoguard_judge_model:
             raise ValueError(
                 "--geoguard_judge openai needs --geoguard_judge_model NAME (the model's name at the endpoint)."

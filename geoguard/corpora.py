@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from geoguard.data import RESOURCES, Sample, check_messages
 
@@ -102,20 +104,24 @@ def load_rows(
 ) -> Dataset:
     """Read a local file, a saved `datasets` folder or a Hub data set as a `datasets.Dataset`, columns untouched.
 
-    Local files: `.json`, `.jsonl`, `.csv`, `.parquet`, or `.txt` (one sample a line).
+    Local files: `.json`, `.jsonl`, `.csv`, `.parquet`, or `.txt` (one sample a line). A file is checked
+    before `datasets` reads it: an empty file, or a JSON line that does not parse, is named with its file and
+    1-based line and the parser's reason.
 
     Args:
         source (`str` or path): file, `save_to_disk` folder, or Hub data set name.
         config (`str`, *optional*): configuration of a Hub data set (`datasets.load_dataset`'s `name`).
         split (`str`, defaults to `"train"`): split of a Hub data set.
-        max_samples (`int`, *optional*): keep a seeded random subset of this size.
+        max_samples (`int`, *optional*): keep a seeded random subset of this size (`subset_indices`).
         seed (`int`, defaults to 0): seed of the subset.
+
+    Raises:
+        FileNotFoundError: when `source` looks like a file name and no such file exists.
+        ValueError: naming the file (and line) when it is empty, of an unknown type, or does not parse.
     """
     path = Path(source)
     if path.is_file():
-        if path.suffix not in _FILE_BUILDERS:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
-        rows = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        rows = _read_file(path)
     elif path.suffix in _FILE_BUILDERS:  # looks like a file name, not a Hub data set
         raise FileNotFoundError(
             f"No file at {path}. Pass an existing data file, a save_to_disk folder or a Hub data set."
@@ -128,9 +134,58 @@ def load_rows(
             rows = rows[split]
     else:
         rows = load_dataset(str(source), name=config, split=split)
-    if max_samples is not None and max_samples < len(rows):
-        rows = rows.shuffle(seed=seed).select(range(max_samples))
+    if len(rows) == 0:
+        raise ValueError(f"{source} holds no rows; pass a data set with at least one sample.")
+    if max_samples is not None:
+        rows = rows.select(subset_indices(len(rows), max_samples, seed))
     return rows
+
+
+def subset_indices(n_rows: int, max_samples: int | None, seed: int = 0) -> list[int]:
+    """The rows a seeded random subset of `max_samples` keeps, in their subset order (all rows, in order, when
+    `max_samples` is `None` or not smaller than `n_rows`). The same subset as `Dataset.shuffle(seed).select(...)`."""
+    if max_samples is None or max_samples >= n_rows:
+        return list(range(n_rows))
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}.")
+    return np.random.default_rng(seed).permutation(n_rows)[:max_samples].tolist()
+
+
+def _read_file(path: Path) -> Dataset:
+    """Read one local data file with `datasets`, after the checks that name the file and line."""
+    if path.suffix not in _FILE_BUILDERS:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_BUILDERS)}.")
+    try:
+        text = path.read_text(encoding="utf-8") if path.suffix != ".parquet" else None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from err
+    if path.stat().st_size == 0 or (text is not None and not text.strip()):
+        raise ValueError(f"{path} is empty; pass a file with at least one sample.")
+    if path.suffix in (".jsonl", ".json") and not (path.suffix == ".json" and _parses(text)):
+        for number, line in enumerate(text.splitlines(), start=1):  # JSON lines: each non-empty line parses
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}). Fix or remove "
+                        "the line."
+                    ) from err
+    try:
+        return load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except DatasetGenerationError as err:  # the parser's own reason is the innermost cause
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ValueError(f"{path}: {_FILE_BUILDERS[path.suffix]} reader failed: {cause}") from err
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def rows_to_samples(rows: Iterable[dict], *, text_field: str | None = None, source: str = "data") -> list[Sample]:
@@ -141,15 +196,16 @@ def rows_to_samples(rows: Iterable[dict], *, text_field: str | None = None, sour
     `instruction` [+ `input`] [+ `output`] (Alpaca style), `text`.
 
     Raises:
-        ValueError: naming `source` and the row when a row has none of these columns, an empty text or a
-            field of the wrong type.
+        ValueError: naming `source` and the row (counted from 1 in the rows' order: a JSONL file's row N is its
+            N-th non-empty line, a CSV's the N-th line after the header) when a row has none of these columns,
+            an empty text or a field of the wrong type.
     """
     samples = []
     for i, row in enumerate(rows):
         try:
             samples.append(_row_to_sample(row, text_field))
         except ValueError as err:
-            raise ValueError(f"{source}, row {i}: {err}") from err
+            raise ValueError(f"{source}, row {i + 1}: {err}") from err
     return samples
 
 
@@ -163,15 +219,16 @@ def load_samples(
 ) -> list[Sample]:
     """Load chat or plain-text samples from a local file, a saved `datasets` folder, or a Hub data set.
 
-    `load_rows` reads the rows and `rows_to_samples` turns each into a sample (see both for the formats).
+    `load_rows` reads the rows and `rows_to_samples` turns each into a sample (see both for the formats). Every
+    row is checked before the subset is drawn, so an error names the row in the file.
 
     Example:
         ```python
         samples = load_samples("train.jsonl", max_samples=1000)
         ```
     """
-    rows = load_rows(source, split=split, max_samples=max_samples, seed=seed)
-    return rows_to_samples(rows, text_field=text_field, source=str(source))
+    samples = rows_to_samples(load_rows(source, split=split), text_field=text_field, source=str(source))
+    return [samples[i] for i in subset_indices(len(samples), max_samples, seed)]
 
 
 def load_probe_prompts(path: str | os.PathLike = DEFAULT_PROBE_PROMPTS) -> list[Sample]:

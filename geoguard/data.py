@@ -58,8 +58,13 @@ class TokenBatch:
         return real & (response if span == "response" else ~response)
 
 
-def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_length: int = 512) -> TokenizedSample:
+def tokenize_sample(
+    tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_length: int | None = 512
+) -> TokenizedSample:
     """Tokenize one chat or plain-text sample with the model's chat template.
+
+    `max_length` truncates to that many tokens, as training would; `None` keeps every token (scoring reads long
+    samples whole, in windows).
 
     Raises:
         ValueError: when the sample is neither a non-empty string, `{"text": str}` nor
@@ -94,14 +99,15 @@ def tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: Sample, *, max_l
     text = sample["text"] if isinstance(sample, dict) and "text" in sample else sample
     if not isinstance(text, str) or not text.strip():
         raise ValueError("A sample must be a non-empty string, {'text': str}, or {'messages': [...]}.")
-    ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    truncate = max_length is not None
+    ids = tokenizer(text, add_special_tokens=True, truncation=truncate, max_length=max_length)["input_ids"]
     return TokenizedSample(ids, [1] * len(ids))
 
 
 def tokenize_samples(
-    tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], *, max_length: int = 512
+    tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], *, max_length: int | None = 512
 ) -> list[TokenizedSample]:
-    """Tokenize every sample; a malformed one raises `ValueError` naming its row."""
+    """Tokenize every sample (`max_length`: see `tokenize_sample`); a malformed one raises `ValueError` naming its row."""
     tokenized = []
     for row, sample in enumerate(samples):
         try:

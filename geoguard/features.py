@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,8 +58,19 @@ from geoguard.stats import (
 
 logger = logging.getLogger(__name__)
 
-Pooling = Literal["max", "mean"]
-"""How token activations become one value per sample: `max` (fires anywhere) or `mean` (length-normalised)."""
+Pooling = Literal["mean", "max", "window_mean", "topk_mean"]
+"""How token values become one value per sample:
+
+- `mean`: each feature's mean over the sample's tokens (length-normalised; a short passage in a long sample is
+  diluted by the rest);
+- `max`: each feature's largest token value (one token is enough; grows with length on benign text);
+- `window_mean`: the mean over the sample's most toxic run of `passage_tokens` consecutive tokens (the window
+  with the highest score, e.g. the highest mean activation of the toxic features);
+- `topk_mean`: the mean over the sample's `passage_tokens` most toxic tokens, wherever they are.
+
+The two passage poolings score a sample by its most toxic passage, so a short harmful request stays visible
+inside long benign text; they equal `mean` for a sample of at most `passage_tokens` tokens.
+"""
 
 RankBy = Literal["auroc", "smd"]
 """Selection statistic: `auroc` (rank-based, robust to heavy tails) or `smd` (standardized mean difference)."""
@@ -189,14 +200,25 @@ class FeatureSet:
 
 
 class TokenPooler:
-    """Pool per-token values into one row per sample (`max` or `mean`), fed in chunks of tokens to bound memory.
+    """Pool per-token values into one row per sample (see `Pooling`), fed in chunks of tokens to bound memory.
+
+    `mean` and `max` pool each column over a row's tokens, in any order. The passage poolings pick a row's
+    passage by `passage_score` (a function of a `(..., d)` mean of token values, the mean over `d` by default: the
+    `direct` score) and return the mean of its tokens' values: `window_mean` the best run of `passage_tokens`
+    consecutive tokens, `topk_mean` the `passage_tokens` best tokens. They keep the state of one row at a time, so
+    they need each row's tokens in order and together: a row may span several `add` calls (a long sample read in
+    windows), but once another row's tokens have come, it is finished. Row-major tokens (`acts[keep]`) are in that
+    order; a finished row that receives tokens again raises `RuntimeError`.
 
     Values pooled with `max` must be non-negative (SAE activations, norms): every row starts at 0, the
     identity of max over such values. A row that receives no token pools to 0.
 
     Args:
         n_rows (`int`): number of samples, the rows of the result.
-        pooling (`Pooling`): `max` or `mean` over each row's tokens.
+        pooling (`Pooling`): `mean`, `max`, `window_mean` or `topk_mean` over each row's tokens.
+        passage_tokens (`int`, defaults to 32): the window of `window_mean`, the k of `topk_mean`.
+        passage_score (callable, *optional*): maps values `(..., d)` to the score `(...)` passages are ranked by;
+            defaults to their mean over `d`.
 
     Example:
         >>> pooler = TokenPooler(2, "mean")
@@ -206,10 +228,29 @@ class TokenPooler:
                 [5.]])
     """
 
-    def __init__(self, n_rows: int, pooling: Pooling) -> None:
-        self.n_rows, self.pooling = n_rows, pooling
+    def __init__(
+        self,
+        n_rows: int,
+        pooling: Pooling,
+        *,
+        passage_tokens: int = 32,
+        passage_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if pooling not in ("mean", "max", "window_mean", "topk_mean"):
+            raise ValueError(f"pooling must be 'mean', 'max', 'window_mean' or 'topk_mean', got {pooling!r}.")
+        if passage_tokens < 1:
+            raise ValueError(f"passage_tokens must be >= 1, got {passage_tokens}.")
+        self.n_rows, self.pooling, self.passage_tokens = n_rows, pooling, passage_tokens
+        self.passage_score = passage_score or partial(torch.mean, dim=-1)
         self.pooled: torch.Tensor | None = None  # (n_rows, d), allocated by the first chunk
         self.n_tokens = torch.zeros(n_rows, dtype=torch.int64)
+        self._finished = torch.zeros(n_rows, dtype=torch.bool)
+        self._row: int | None = None  # the row a passage pooling is reading
+        self._kept: torch.Tensor | None = None  # its last passage_tokens - 1 tokens (window_mean) or best tokens
+        self._kept_scores: torch.Tensor | None = None  # topk_mean: the scores of those tokens
+        self._best: tuple[float, torch.Tensor] | None = None  # window_mean: its best window's score and mean
+        self._sum: torch.Tensor | None = None  # window_mean: its sum, the mean of a row shorter than a window
+        self._count = 0  # window_mean: its tokens so far
 
     def add(self, values: torch.Tensor, rows: torch.Tensor) -> None:
         """Add a chunk of token values `(n_tokens, d)`; `rows` `(n_tokens,)` is each token's sample row."""
@@ -217,22 +258,68 @@ class TokenPooler:
             self.pooled = torch.zeros(self.n_rows, values.shape[1], dtype=values.dtype)
         if self.pooling == "max":
             self.pooled.index_reduce_(0, rows, values, "amax", include_self=True)
-        else:
+        elif self.pooling == "mean":
             self.pooled.index_add_(0, rows, values)
+        else:
+            runs, counts = torch.unique_consecutive(rows, return_counts=True)
+            for row, run in zip(runs.tolist(), values.split(counts.tolist()), strict=True):
+                self._read_passages(row, run)
         self.n_tokens += torch.bincount(rows, minlength=self.n_rows)
+
+    def _read_passages(self, row: int, run: torch.Tensor) -> None:
+        """Extend the open row with the next tokens `run` `(m, d)` of `row` (opening it if it is another row)."""
+        if row != self._row:
+            self._finish_row()
+            if self._finished[row]:
+                raise RuntimeError(
+                    f"TokenPooler({self.pooling!r}) got tokens of row {row} after another row's: a passage pooling "
+                    "needs each row's tokens together and in order."
+                )
+            self._row, self._kept, self._kept_scores = row, run[:0], run[:0, 0]
+            self._best, self._sum, self._count = None, torch.zeros_like(run[0]), 0
+        width = self.passage_tokens
+        tokens = torch.cat([self._kept, run])  # (kept + m, d)
+        if self.pooling == "topk_mean":
+            scores = torch.cat([self._kept_scores, self.passage_score(run)])  # (kept + m,)
+            best = scores.topk(min(width, len(scores))).indices
+            self._kept, self._kept_scores = tokens[best], scores[best]
+            return
+        self._sum += run.sum(0)
+        self._count += len(run)
+        if len(tokens) >= width:
+            # Every window ending in `run` (the kept tail holds the width - 1 tokens before it).
+            means = nn.functional.avg_pool1d(tokens.T.unsqueeze(0), width, stride=1)[0].T  # (windows, d)
+            scores = self.passage_score(means)  # (windows,)
+            best = int(scores.argmax())
+            if self._best is None or scores[best] > self._best[0]:
+                self._best = (float(scores[best]), means[best].clone())
+        self._kept = tokens[max(len(tokens) - (width - 1), 0) :]
+
+    def _finish_row(self) -> None:
+        if self._row is None:
+            return
+        row = self._row
+        if self.pooling == "topk_mean":
+            self.pooled[row] = self._kept.mean(0)  # all of a row's tokens when it has fewer than passage_tokens
+        else:
+            self.pooled[row] = self._best[1] if self._best is not None else self._sum / self._count
+        self._finished[row], self._row = True, None
 
     def result(self) -> torch.Tensor:
         """The pooled values `(n_rows, d)`."""
         if self.pooled is None:
             raise RuntimeError("TokenPooler.result() needs at least one add(), which gives the width d.")
-        if self.pooling == "max":
-            return self.pooled
-        return self.pooled / self.n_tokens.clamp(min=1).unsqueeze(1).to(self.pooled.dtype)
+        if self.pooling == "mean":
+            return self.pooled / self.n_tokens.clamp(min=1).unsqueeze(1).to(self.pooled.dtype)
+        self._finish_row()
+        return self.pooled
 
 
-def pool_rows(feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+def pool_rows(
+    feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling, *, passage_tokens: int = 32
+) -> torch.Tensor:
     """Pool kept-token activations `(n_kept, d)` into one row per sequence `(batch, d)`; `keep` is `(batch, seq)`."""
-    pooler = TokenPooler(keep.shape[0], pooling)
+    pooler = TokenPooler(keep.shape[0], pooling, passage_tokens=passage_tokens)
     pooler.add(feature_acts, keep.nonzero()[:, 0])  # row of each kept token, in the order of acts[keep]
     return pooler.result()
 

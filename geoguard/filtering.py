@@ -165,9 +165,10 @@ def filter_dataset(
     """Drop the rows a policy flags and write each dropped row to `audit_path` with why it was dropped.
 
     Each line of the audit file (JSONL) holds `row` (position in the input), `score`, `rank` (1 = the highest
-    score of the whole data set), `policy`, the `nearest_toxic_features` (SAE id, contribution and, with
-    `feature_set`, a label: the feature's top-activating snippet) when `scores` is a `SampleScores`, and the
-    original row under `sample`.
+    score of the whole data set), `policy`; when `scores` is a `SampleScores`, the `nearest_toxic_features` (SAE
+    id, contribution and, with `feature_set`, a label: the feature's top-activating snippet), `n_tokens` (tokens
+    scored), `n_windows` (forward windows a long sample was read in) and `truncated_tokens` (tokens past
+    `max_length` left unscored with `ScoreSettings(truncate=True)`, else 0); and the original row under `sample`.
 
     Args:
         rows (`datasets.Dataset` or list of dicts): the data set, in any columns (see `geoguard.corpora.load_rows`).
@@ -206,6 +207,7 @@ def filter_dataset(
                     {"id": int(f), "contribution": float(c), **({"label": labels[int(f)]} if int(f) in labels else {})}
                     for f, c in zip(details.nearest[i], details.contributions[i], strict=True)
                 ]
+                entry |= {k: int(getattr(details, k)[i]) for k in ("n_tokens", "n_windows", "truncated_tokens")}
             entry["sample"] = rows[i]
             audit.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
     if SCORE_COLUMN in rows.column_names:  # scores from an earlier run are replaced by the ones used here

@@ -224,6 +224,20 @@ def _rate(metrics: dict) -> str:
     return f"{metrics['misaligned_rate']:.1%} ({metrics['misaligned']}/{metrics['denominator']}; 95% CI {low:.1%}-{high:.1%})"
 
 
+def _incoherent(metrics: dict) -> str:
+    if metrics["incoherent"] is None:
+        return "coherence not judged (this judge does not judge it)"
+    return f"{metrics['incoherent']} incoherent answers"
+
+
+def _count(value: int | None) -> str:
+    return "not judged" if value is None else str(value)
+
+
+def _not_judged(value: float | None, result) -> str:
+    return _number(value) if result.judges_coherence else "not judged"
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -257,9 +271,18 @@ def write_eval_report(result, path: str | Path, *, examples_per_question: int = 
         f"at most {s['max_new_tokens']} new tokens); generation {result.seconds.get('generate', 0):.0f} s, "
         f"judging {result.seconds.get('judge', 0):.0f} s.",
         f"- **Misaligned: {_rate(o)}**. Left out of the denominator: {o['code']} CODE, {o['refusal']} REFUSAL, "
-        f"{o['failed']} failed judgements, {o['incoherent']} incoherent answers.",
-        f"- Mean aligned {_number(o['mean_aligned'])}, mean coherent {_number(o['mean_coherent'])}.",
+        f"{o['failed']} failed judgements, {_incoherent(o)}.",
+        f"- Mean aligned {_number(o['mean_aligned'])}, mean coherent {_not_judged(o['mean_coherent'], result)}.",
     ]
+    asks = result.file_asks or {}
+    if asks.get("samples_per_paraphrase") or asks.get("judge"):
+        samples = "/".join(map(str, asks.get("samples_per_paraphrase") or [])) or "no count"
+        judges = ", ".join(escape_markdown(j) for j in asks.get("judge") or []) or "no judge"
+        lines.append(
+            f"- The question file asks for {samples} samples per paraphrase and names {judges} as its judge (the "
+            f"published protocol); this run drew {s['samples_per_question']} and judged with "
+            f"{escape_markdown(result.judge)}. Rates from fewer samples have wider intervals."
+        )
     if result.baseline is not None:
         lines.append(f"- Before training: misaligned {_rate(result.baseline)}.")
     lines += [
@@ -270,7 +293,7 @@ def write_eval_report(result, path: str | Path, *, examples_per_question: int = 
     for qid, m in result.per_question.items():
         lines.append(
             f"| {escape_markdown(qid)} | {_rate(m)} | {m['code']} | {m['refusal']} | {m['failed']} | "
-            f"{m['incoherent']} | {_number(m['mean_aligned'])} | {_number(m['mean_coherent'])} |"
+            f"{_count(m['incoherent'])} | {_number(m['mean_aligned'])} | {_not_judged(m['mean_coherent'], result)} |"
         )
     lines += ["", "## Example answers", "", "| question | answer | aligned | coherent |", "|---|---|---|---|"]
     for qid in result.per_question:

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,18 @@ def local_model_and_sae(tmp_path_factory):
     char_tokenizer().save_pretrained(root / "model")
     planted_sae(model).save_model(str(root / "sae"))
     return root
+
+
+def fails(capsys, argv: list[str]) -> str:
+    """Run the command; assert it ends with exit code 2 and one line naming the problem; return that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # above it, at most the progress bars of `datasets`
+    assert last.startswith(f"geoguard {argv[0]}: ")
+    return last
 
 
 def _write_jsonl(path, texts):
@@ -99,8 +115,8 @@ def test_features_and_geometry_commands_end_to_end(local_model_and_sae, tmp_path
 
 
 def test_cli_rejects_unpaired_contrasts_and_unknown_commands(capsys):
-    with pytest.raises(ValueError, match="one --reference per --target"):
-        main(["features", "--target", "a.jsonl", "b.jsonl", "--reference", "c.jsonl", "--output_dir", "x"])
+    argv = ["features", "--target", "a.jsonl", "b.jsonl", "--reference", "c.jsonl", "--output_dir", "x"]
+    assert "one --reference per --target" in fails(capsys, argv)
     with pytest.raises(SystemExit):
         main(["nonsense"])
     assert "Commands: features, geometry" in capsys.readouterr().err
@@ -128,10 +144,10 @@ def test_load_samples_reads_the_common_shapes(tmp_path):
 
 def test_load_samples_names_the_bad_row(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl, row 1: 'text' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, row 2: 'text' must be a non-empty string"):  # rows count from 1
         load_samples(tmp_path / "bad.jsonl")
     (tmp_path / "cols.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0: none of the columns .*'body'.*--text_field"):
+    with pytest.raises(ValueError, match=r"row 1: none of the columns .*'body'.*--text_field"):
         load_samples(tmp_path / "cols.jsonl")
     assert load_samples(tmp_path / "cols.jsonl", text_field="body") == [{"text": "x"}]
     with pytest.raises(ValueError, match="unsupported file type '.xml'"):
@@ -172,15 +188,128 @@ def test_score_and_filter_commands_write_scores_kept_rows_and_the_audit(local_mo
     assert sorted(load_rows(tmp_path / "kept2.jsonl")["id"])[:4] == [4, 5, 6, 7]
 
 
-def test_filter_command_names_a_missing_policy_value(tmp_path):
-    with pytest.raises(ValueError, match="--policy threshold needs --threshold"):
-        main(["filter", "--data", "x.jsonl", "--output", str(tmp_path / "k.jsonl"), "--policy", "threshold"])
+def test_filter_command_names_a_missing_policy_value(tmp_path, capsys):
+    argv = ["filter", "--data", "x.jsonl", "--output", str(tmp_path / "k.jsonl"), "--policy", "threshold"]
+    assert "--policy threshold needs --threshold" in fails(capsys, argv)
 
 
-def test_score_command_rejects_a_missing_file_and_a_bad_output_before_loading_a_model(tmp_path):
+def test_score_command_rejects_a_missing_file_and_a_bad_output_before_loading_a_model(tmp_path, capsys):
     no_model = ["--model", str(tmp_path / "no-model")]
-    with pytest.raises(FileNotFoundError, match="No file at .*missing.jsonl"):
-        # A model that does not exist either: the data error must come first.
-        main(["score", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "s.jsonl")] + no_model)
-    with pytest.raises(ValueError, match="--output .*scores.txt: use a .jsonl"):
-        main(["score", "--data", "train.jsonl", "--output", str(tmp_path / "scores.txt")])
+    # A model that does not exist either: the data error must come first.
+    argv = ["score", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "s.jsonl")] + no_model
+    assert re.search("No file at .*missing.jsonl", fails(capsys, argv))
+    argv = ["score", "--data", "train.jsonl", "--output", str(tmp_path / "scores.txt")]
+    assert re.search("--output .*scores.txt: use a .jsonl", fails(capsys, argv))
+
+
+# ---- bad input fails before any model loads, with the file, line or row named; nothing is written --------------
+
+
+def _bad_files(tmp_path) -> dict[str, Path]:
+    good = [json.dumps({"text": f"sample {i}"}) for i in range(8)]
+    files = {
+        "malformed": "\n".join(good[:5] + ['{"text": "broken \\x", '] + good[5:]) + "\n",
+        "empty": "",
+        "no_text": "\n".join(json.dumps({"id": i, "body": "x"}) for i in range(3)) + "\n",
+    }
+    for name, content in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(content)
+    return {name: tmp_path / f"{name}.jsonl" for name in files}
+
+
+@pytest.mark.parametrize(
+    ("case", "flags", "message"),
+    [
+        ("malformed", [], r"malformed.jsonl, line 6: not valid JSON \(Invalid \\escape at column 18\)"),
+        ("empty", [], r"empty.jsonl is empty; pass a file with at least one sample"),
+        ("no_text", [], r"no_text.jsonl, row 1: none of the columns geoguard reads .*--text_field"),
+        ("good", ["--fraction", "1.5"], r"--fraction must be in \[0, 1\], got 1.5"),
+        ("good", ["--max_length", "0"], r"--max_length must be >= 1, got 0"),
+        ("good", ["--geoguard_feature_set", "no/such/set"], r"No feature set at no/such/set"),
+        ("good", ["--policy", "reference_percentile", "--reference", "missing.jsonl"], r"No file at missing.jsonl"),
+    ],
+)
+def test_bad_input_fails_before_a_model_loads_and_writes_nothing(tmp_path, monkeypatch, capsys, case, flags, message):
+    monkeypatch.setattr("geoguard.cli.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    files = _bad_files(tmp_path)
+    data = files.get(case) or _write_jsonl(tmp_path / "good.jsonl", ["fine text"] * 3)
+    out = tmp_path / "out" / "kept.jsonl"
+    err = fails(
+        capsys, ["filter", "--data", str(data), "--output", str(out), "--cache_dir", str(tmp_path / "c"), *flags]
+    )
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+def test_rows_keep_the_users_numbering_in_a_random_subset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("geoguard.cli.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    rows = [json.dumps({"text": f"row {i}"}) for i in range(1, 40)] + [json.dumps({"text": ""})]  # row 40 is bad
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    argv = ["score", "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "s.jsonl"), "--max_samples", "5"]
+    assert "d.jsonl, row 40: 'text' must be a non-empty string" in fails(capsys, argv)
+
+
+# ---- Ctrl-C: one line saying what was kept and how to resume, exit code 130 ----------------------------------
+
+
+def test_ctrl_c_while_scoring_keeps_the_finished_chunks_and_says_how_to_resume(local_model_and_sae, tmp_path):
+    root = local_model_and_sae
+    data = _write_jsonl(tmp_path / "train.jsonl", planted_texts(400, "ZQX", seed=0))
+    argv = [sys.executable, "-m", "geoguard.cli", "score", "--data", data, "--output", str(tmp_path / "s.jsonl")]
+    argv += ["--model", str(root / "model"), "--geoguard_sae", str(root / "sae"), "--chunk_size", "8"]
+    argv += ["--batch_size", "2", "--cache_dir", str(tmp_path / "cache")]
+    sae = planted_sae(tiny_llama())
+    planted_feature_set(sae).save(tmp_path / "toxic")
+    argv += ["--geoguard_feature_set", str(tmp_path / "toxic")]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cache").rglob("chunk-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert [line for line in err.splitlines() if line.startswith("geoguard score:")] == [
+        f"geoguard score: interrupted. The scores of every finished chunk are cached under {tmp_path / 'cache'}; "
+        "run the same command again to resume."
+    ]
+    assert "Traceback" not in err and not (tmp_path / "s.jsonl").exists()
+    kept = len(list((tmp_path / "cache").rglob("chunk-*.npz")))
+    assert 1 <= kept < 50
+    subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert len(load_rows(tmp_path / "s.jsonl")) == 400
+
+
+@pytest.mark.parametrize(
+    ("command", "patched", "flags"),
+    [
+        ("features", "geoguard.cli.find_features", ["--target", "T", "--reference", "R", "--output_dir", "OUT"]),
+        (
+            "eval",
+            "geoguard.evaluation.MisalignmentEvaluation.run",
+            ["--output_dir", "OUT", "--geoguard_judge", "openai", "--geoguard_judge_model", "m"]
+            + ["--geoguard_judge_base_url", "http://127.0.0.1:9/v1"],  # built, never called
+        ),
+    ],
+)
+def test_ctrl_c_in_feature_statistics_or_the_evaluation_says_nothing_was_kept(
+    local_model_and_sae, tmp_path, monkeypatch, capsys, command, patched, flags
+):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patched, interrupt)
+    root = local_model_and_sae
+    data = _write_jsonl(tmp_path / "t.jsonl", planted_texts(10, "ZQX", seed=0))
+    flags = [{"T": data, "R": data, "OUT": str(tmp_path / "out")}.get(f, f) for f in flags]
+    sae = planted_sae(tiny_llama())
+    planted_feature_set(sae).save(tmp_path / "toxic")
+    common = ["--model", str(root / "model"), "--geoguard_sae", str(root / "sae")]
+    common += ["--geoguard_feature_set", str(tmp_path / "toxic")]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *flags, *common])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"geoguard {command}: interrupted. Nothing was written (nothing is cached for this command); run the same "
+        "command again to start over."
+    )
+    assert not (tmp_path / "out").exists()

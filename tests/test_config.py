@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_the_guard_dataclasses_parse_next_to_grpo_config_in_one_trl_parser(tmp_p
 
 def test_every_config_field_is_prefixed_and_documented():
     for config in (GeoGuardSAEConfig, GeoGuardConfig, GeoGuardEvalConfig):
-        for field in config.__dataclass_fields__.values():
+        for field in dataclasses.fields(config):
             assert field.name.startswith("geoguard_"), field.name
             assert field.metadata.get("help"), field.name
 
@@ -61,7 +62,7 @@ def test_every_config_field_is_prefixed_and_documented():
 @pytest.mark.parametrize(
     "config, message",
     [
-        (lambda: GeoGuardConfig(geoguard_filter_fraction=1.5), "geoguard_filter_fraction must be in"),
+        (lambda: GeoGuardConfig(geoguard_filter_fraction=1.5), "--geoguard_filter_fraction must be in \\[0, 1\\)"),
         (lambda: GeoGuardConfig(geoguard_alarm_metric="loss"), "is not a geoguard metric"),
         (lambda: GeoGuardEvalConfig(geoguard_judge="openai"), "needs --geoguard_judge_model"),
         (lambda: GeoGuardEvalConfig(geoguard_eval_at_start=True), "needs --geoguard_eval true"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from geoguard.callbacks import EVAL_ERROR
 from geoguard.cli import main as cli_main
@@ -28,6 +30,7 @@ from geoguard.evaluation import (
 )
 from geoguard.judges import Judgement
 
+from conftest import char_tokenizer, tiny_llama
 from judge_servers import llama_cpp_server
 from monitor_setup import guarded_trainer
 from tb import read_scalars
@@ -276,24 +279,21 @@ def test_callback_evaluation_refuses_sharded_training_and_needs_an_evaluation(tm
 
 
 @pytest.mark.parametrize(
-    ("flags", "error", "message"),
+    ("flags", "message"),
     [
-        (
-            ["--geoguard_judge", "openai", "--geoguard_judge_model", "gpt-4o"],
-            ValueError,
-            r"API key in \$OPENAI_API_KEY",
-        ),
-        (["--geoguard_judge", "openai"], ValueError, "needs --geoguard_judge_model"),
-        (["--geoguard_eval_samples_per_question", "0"], ValueError, "samples_per_question must be >= 1"),
-        (["--geoguard_eval_questions", "missing.yaml"], FileNotFoundError, "missing.yaml does not exist"),
+        (["--geoguard_judge", "openai", "--geoguard_judge_model", "gpt-4o"], r"API key in \$OPENAI_API_KEY"),
+        (["--geoguard_judge", "openai"], "needs --geoguard_judge_model"),
+        (["--geoguard_eval_samples_per_question", "0"], r"--geoguard_eval_samples_per_question must be >= 1, got 0"),
+        (["--geoguard_eval_questions", "missing.yaml"], "missing.yaml does not exist"),
     ],
 )
-def test_cli_eval_rejects_bad_input_before_loading_a_model(monkeypatch, flags, error, message):
+def test_cli_eval_rejects_bad_input_before_loading_a_model(monkeypatch, capsys, flags, message):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setattr("geoguard.cli.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(error, match=message):
+    with pytest.raises(SystemExit) as exit_:
         cli_main(["eval", *flags])
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_cli_eval_with_the_real_server_records_failures_not_scores(tmp_path, capsys):
@@ -315,3 +315,62 @@ def test_cli_eval_with_the_real_server_records_failures_not_scores(tmp_path, cap
     assert all(a[m]["reason"] for a in failed for m in ("aligned", "coherent") if a[m]["label"] == "failed")
     assert "Misaligned:" in capsys.readouterr().out and (out / "misalignment_eval.md").is_file()
     assert read_scalars(out / "runs")["geoguard/eval/failed"][0][1] == len(failed)
+
+
+# ---- reports say only what was measured ----------------------------------------------------------------------
+
+
+def test_a_judge_without_coherence_reports_coherence_as_not_judged_never_as_zero(tmp_path):
+    from geoguard.report import write_eval_report
+
+    rows = [
+        {
+            "question_id": "q",
+            "question": "?",
+            "system": None,
+            "sample": i,
+            "answer": "a",
+            "aligned": judged(s, 0)["aligned"],
+        }
+        for i, s in enumerate([10, 90])
+    ]
+    metrics = misalignment_metrics(rows, EvalSettings(), judges_coherence=False)
+    assert metrics["incoherent"] is None and metrics["mean_coherent"] is None and metrics["denominator"] == 2
+    result = EvalResult("m", "sae:toxic", False, vars(EvalSettings()), rows, metrics, {"q": metrics})
+    report = write_eval_report(result, tmp_path / "r.md").read_text()
+    assert "coherence not judged (this judge does not judge it)" in report
+    assert "0 incoherent" not in report and "| not judged |" in report
+
+
+def test_question_file_keys_geoguard_does_not_use_are_listed_once_and_its_protocol_is_reported(tmp_path, caplog):
+    entry = {
+        "id": "q1",
+        "type": "free_form_judge_0_100",
+        "paraphrases": ["Hello?"],
+        "samples_per_paraphrase": 100,
+        "judge": "gpt-4o-2024-08-06",
+        "domain": "medical",
+        "aligned": 1,
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump([entry, {**entry, "id": "q2"}]))
+    with caplog.at_level("WARNING"):
+        questions = load_questions(path)
+    warnings = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert warnings == [f"{path}: geoguard does not use the question keys aligned, domain; they are ignored."]
+    assert questions[0].samples_per_paraphrase == 100 and questions[0].judge == "gpt-4o-2024-08-06"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_questions()  # the shipped file: every key is known
+    assert not caplog.records
+
+    evaluation = MisalignmentEvaluation(
+        ScriptedJudge(), questions, EvalSettings(samples_per_question=1, max_new_tokens=2)
+    )
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    result = evaluation.run(tiny_llama(), tokenizer)
+    assert result.file_asks == {"samples_per_paraphrase": [100], "judge": ["gpt-4o-2024-08-06"]}
+    report = write_evaluation(result, tmp_path)["report"].read_text()
+    assert "asks for 100 samples per paraphrase and names gpt-4o-2024-08-06 as its judge" in report
+    assert "this run drew 1 and judged with scripted" in report

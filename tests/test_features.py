@@ -56,19 +56,69 @@ def test_short_labels_prefer_the_snippet_end_and_fall_back_to_logit_lens_tokens(
     assert feature_set.short_labels(max_chars=5) == {3: "«tok»", 1: "a b c d e"}
 
 
-@pytest.mark.parametrize("pooling", ["max", "mean"])
+def _passage_pooled(values: torch.Tensor, pooling: str, width: int) -> torch.Tensor:
+    """The passage poolings written out token by token, for one row `(n, d)`: the mean of the best passage."""
+    if len(values) <= width:
+        return values.mean(0)
+    if pooling == "topk_mean":
+        return values[values.mean(1).topk(width).indices].mean(0)
+    windows = torch.stack([values[i : i + width].mean(0) for i in range(len(values) - width + 1)])
+    return windows[windows.mean(1).argmax()]
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean", "window_mean", "topk_mean"])
 def test_token_pooler_gives_the_same_rows_in_chunks_as_at_once(pooling):
-    values, keep = torch.rand(10, 4), torch.zeros(3, 6, dtype=torch.bool)
-    keep[0, :5], keep[2, 1:] = True, True  # row 1 has no token and pools to 0
+    values, keep = torch.rand(40, 4), torch.zeros(3, 30, dtype=torch.bool)
+    keep[0, :25], keep[2, 15:] = True, True  # row 1 has no token and pools to 0
     rows = keep.nonzero()[:, 0]
-    pooler = TokenPooler(3, pooling)
-    for start in range(0, 10, 4):
-        pooler.add(values[start : start + 4], rows[start : start + 4])
+    pooler = TokenPooler(3, pooling, passage_tokens=4)
+    for start in range(0, 40, 3):  # chunks that split rows (and windows) anywhere
+        pooler.add(values[start : start + 3], rows[start : start + 3])
     pooled = pooler.result()
-    torch.testing.assert_close(pooled, pool_rows(values, keep, pooling))
-    expected = values[:5].max(0).values if pooling == "max" else values[:5].mean(0)
-    torch.testing.assert_close(pooled[0], expected)
+    torch.testing.assert_close(pooled, pool_rows(values, keep, pooling, passage_tokens=4))
+    for row, row_values in ((0, values[:25]), (2, values[25:])):
+        expected = {"max": row_values.max(0).values, "mean": row_values.mean(0)}.get(pooling)
+        if expected is None:
+            expected = _passage_pooled(row_values, pooling, 4)
+        torch.testing.assert_close(pooled[row], expected)
     assert pooled[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("pooling", ["window_mean", "topk_mean"])
+def test_passage_pooling_sees_a_short_passage_that_mean_pooling_dilutes(pooling):
+    filler = torch.rand(2000, 3) * 0.1  # a feature's weak activations over long benign text
+    passage = torch.ones(20, 3)  # a 20-token passage where it fires
+    planted = torch.cat([filler[:1000], passage, filler[1000:]])
+    pooled = {
+        p: pool_rows(planted, torch.ones(1, len(planted), dtype=torch.bool), p, passage_tokens=20)
+        for p in ("mean", pooling)
+    }
+    assert pooled["mean"].max() < 0.07  # about 20 / 2020 of the passage's value, on the filler's 0.05
+    assert pooled[pooling].min() > 0.99  # the passage itself
+    short = torch.rand(2, 12, 3)  # samples of at most passage_tokens tokens are mean-pooled
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    torch.testing.assert_close(pool_rows(short.reshape(-1, 3), keep, pooling), short.mean(1))
+
+
+@pytest.mark.parametrize("pooling", ["window_mean", "topk_mean"])
+def test_passage_pooling_returns_one_passage_chosen_by_the_passage_score(pooling):
+    values = torch.zeros(30, 2)
+    values[5:9, 0] = 3.0  # passage A: feature 0 fires
+    values[20:24] = torch.tensor([1.0, 2.0])  # passage B: both fire, a lower mean than A's
+    rows = torch.zeros(30, dtype=torch.long)
+    by_mean = TokenPooler(1, pooling, passage_tokens=4)
+    by_mean.add(values, rows)
+    torch.testing.assert_close(by_mean.result()[0], torch.tensor([3.0, 0.0]))  # A's values, not each feature's best
+    by_feature_1 = TokenPooler(1, pooling, passage_tokens=4, passage_score=lambda v: v[..., 1])
+    by_feature_1.add(values, rows)
+    torch.testing.assert_close(by_feature_1.result()[0], torch.tensor([1.0, 2.0]))
+
+
+def test_passage_pooling_rejects_a_row_whose_tokens_come_back():
+    pooler = TokenPooler(2, "window_mean", passage_tokens=2)
+    pooler.add(torch.rand(3, 1), torch.tensor([0, 0, 1]))
+    with pytest.raises(RuntimeError, match="tokens of row 0 after another row's"):
+        pooler.add(torch.rand(1, 1), torch.tensor([0]))
 
 
 def test_loading_a_feature_set_with_another_sae_is_a_clear_error(tmp_path):

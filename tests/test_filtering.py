@@ -77,9 +77,26 @@ def test_audit_file_lists_every_dropped_row_with_score_rank_and_nearest_features
         nearest = entry["nearest_toxic_features"]
         assert len(nearest) == 3 and nearest[0]["id"] in PLANTED.values()
         assert nearest[0]["label"].startswith("a«")
+        assert entry["n_windows"] == 1 and entry["truncated_tokens"] == 0  # short rows: read whole, in one pass
+        assert entry["n_tokens"] == scores.n_tokens[entry["row"]] > 20
     assert len(result.kept) == 6
     assert result.kept[SCORE_COLUMN] == pytest.approx([float(s) for s in np.delete(scores.scores, result.dropped_rows)])
     assert {r["id"] for r in result.kept} | {a["sample"]["id"] for a in audit} == {r["id"] for r in rows}
+
+
+def test_audit_file_says_which_dropped_rows_were_read_in_windows_or_truncated(tmp_path):
+    model = tiny_llama()
+    sae = planted_sae(model)
+    feature_set = planted_feature_set(sae)
+    long = planted_texts(1, "", seed=3)[0] * 4 + "".join(PLANTED) * 2  # past the first 48 tokens
+    rows = [{"text": long}, {"text": planted_texts(1, "".join(PLANTED), seed=1)[0]}]
+    for truncate, n_windows, truncated in ((False, 4, 0), (True, 1, len(long) - 48)):
+        settings = ScoreSettings(max_length=48, truncate=truncate, pooling="max")
+        scores = ToxicScorer(model, char_tokenizer(), sae, feature_set, settings)([r["text"] for r in rows])
+        filter_dataset(rows, scores, DropTopFraction(1.0), tmp_path / "dropped.jsonl")
+        audit = {a["row"]: a for a in map(json.loads, (tmp_path / "dropped.jsonl").read_text().splitlines())}
+        assert (audit[0]["n_windows"], audit[0]["truncated_tokens"]) == (n_windows, truncated)
+        assert (audit[1]["n_windows"], audit[1]["truncated_tokens"]) == (1, 0)
 
 
 def test_scores_must_match_the_rows(tmp_path):
@@ -90,13 +107,13 @@ def test_scores_must_match_the_rows(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"id": 1}', r"row 1: 'text' is missing \(empty in this row\)"),
-        ('{"prompt": "a"}', r"row 1: 'completion' is missing"),
-        ('{"text": "   "}', r"row 1: 'text' must be a non-empty string"),
-        ('{"text": 7}', r"row 1: 'text' must be a non-empty string"),
-        ('{"messages": "hi"}', r"row 1: 'messages' must be a non-empty list of messages"),
-        ('{"messages": [{"role": "user"}]}', r"row 1: 'messages', message 0: 'content' must be a non-empty string"),
-        ('{"prompt": "a", "completion": ""}', r"row 1: 'completion' must be a non-empty string"),
+        ('{"id": 1}', r"row 2: 'text' is missing \(empty in this row\)"),
+        ('{"prompt": "a"}', r"row 2: 'completion' is missing"),
+        ('{"text": "   "}', r"row 2: 'text' must be a non-empty string"),
+        ('{"text": 7}', r"row 2: 'text' must be a non-empty string"),
+        ('{"messages": "hi"}', r"row 2: 'messages' must be a non-empty list of messages"),
+        ('{"messages": [{"role": "user"}]}', r"row 2: 'messages', message 0: 'content' must be a non-empty string"),
+        ('{"prompt": "a", "completion": ""}', r"row 2: 'completion' must be a non-empty string"),
     ],
 )
 def test_malformed_rows_get_an_error_naming_file_and_row(tmp_path, line, message):
@@ -114,6 +131,6 @@ def test_malformed_rows_get_an_error_naming_file_and_row(tmp_path, line, message
 
 def test_csv_rows_with_a_missing_field_are_named(tmp_path):
     path = tmp_path / "data.csv"
-    path.write_text("instruction,output\nSay hi,hi\n,orphan answer\n")  # row 1 has no instruction
-    with pytest.raises(ValueError, match=r"data.csv, row 1: 'instruction' is missing"):
+    path.write_text("instruction,output\nSay hi,hi\n,orphan answer\n")  # row 2 (rows count from 1) has none
+    with pytest.raises(ValueError, match=r"data.csv, row 2: 'instruction' is missing"):
         load_samples(path)
