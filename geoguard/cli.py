@@ -26,7 +26,7 @@ from trl import TrlParser
 
 from geoguard.config import GeoGuardEvalConfig, GeoGuardSAEConfig, get_evaluation
 from geoguard.corpora import load_rows, load_samples, rows_to_samples, subset_indices
-from geoguard.data import Span
+from geoguard.data import Span, tokenize_samples
 from geoguard.distributed import process_state
 from geoguard.evaluation import EvalResult, load_questions, write_evaluation
 from geoguard.features import Contrast, FeatureSet, Pooling, RankBy, find_features
@@ -38,7 +38,7 @@ from geoguard.filtering import (
     filter_dataset,
 )
 from geoguard.geometry import measure_geometry
-from geoguard.models import EMBEDDED_MODEL, load_model
+from geoguard.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from geoguard.report import write_feature_set_card, write_geometry_report
 from geoguard.sae import load_sae
 from geoguard.scoring import (
@@ -111,7 +111,9 @@ class FeaturesArguments(ModelArguments):
     )
     n_permutations: int = field(default=1000, metadata={"help": "Label permutations for held-out p-values."})
     batch_size: int = field(default=16, metadata={"help": "Samples per forward pass."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per sample (longer ones are truncated)."})
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens per sample; longer ones are cut to it, counted and flagged on the card."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of subsets, splits and permutations."})
 
     def __post_init__(self):
@@ -259,6 +261,7 @@ class ScoreArguments(ModelArguments):
         "batch_size": at_least(1),
         "max_length": at_least(1),
         "chunk_size": at_least(1),
+        "passage_tokens": at_least(1),
     }
     """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
 
@@ -279,13 +282,33 @@ class ScoreArguments(ModelArguments):
     span: Span = field(
         default="response", metadata={"help": "Tokens scored: response (what training teaches), prompt or all."}
     )
-    pooling: Pooling = field(default="mean", metadata={"help": "Per-sample pooling of token values: mean or max."})
+    pooling: Pooling = field(
+        default=ScoreSettings.pooling,
+        metadata={
+            "help": "Per-sample pooling of token values: mean (dilutes a short passage in a long sample), max, "
+            "window_mean (the most activating run of --passage_tokens tokens) or topk_mean (the --passage_tokens "
+            "most activating tokens)."
+        },
+    )
+    passage_tokens: int = field(
+        default=ScoreSettings.passage_tokens, metadata={"help": "Window of window_mean, k of topk_mean."}
+    )
+    truncate: bool = field(
+        default=False,
+        metadata={
+            "help": "Score only the first --max_length tokens of longer samples (as training at that length sees "
+            "them) instead of reading them whole in windows; the cut tokens are counted in the output."
+        },
+    )
     text_field: str | None = field(default=None, metadata={"help": "Column with plain text (default: detect)."})
     split: str = field(default="train", metadata={"help": "Split of Hub data sets and saved DatasetDicts."})
     max_samples: int | None = field(default=None, metadata={"help": "Score a seeded random subset of this size."})
     seed: int = field(default=0, metadata={"help": "Seed of the subset."})
     batch_size: int = field(default=16, metadata={"help": "Samples per forward pass."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per sample (longer ones are truncated)."})
+    max_length: int = field(
+        default=ScoreSettings.max_length,
+        metadata={"help": "Tokens per forward pass; longer samples are read whole in windows (unless --truncate)."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Score cache (default: ~/.cache/geoguard/scores)."})
     no_cache: bool = field(default=False, metadata={"help": "Neither read nor write the score cache."})
     chunk_size: int = field(
@@ -339,29 +362,69 @@ class FilterArguments(ScoreArguments):
             raise ValueError("--policy reference_percentile needs --reference BENIGN_DATA.")
 
 
+def _score_settings(args: ScoreArguments) -> ScoreSettings:
+    return ScoreSettings(
+        method=args.method,
+        span=args.span,
+        pooling=args.pooling,
+        passage_tokens=args.passage_tokens,
+        max_length=args.max_length,
+        truncate=args.truncate,
+    )
+
+
 def _scorer(args: ScoreArguments, sae, feature_set: FeatureSet) -> ToxicScorer:
     device = process_state().device  # each process scores on its own GPU under accelerate launch
     model, tokenizer = load_model(args.model, device=device)
-    settings = ScoreSettings(method=args.method, span=args.span, pooling=args.pooling, max_length=args.max_length)
-    return ToxicScorer(model, tokenizer, sae.to(device), feature_set, settings, batch_size=args.batch_size)
+    return ToxicScorer(model, tokenizer, sae.to(device), feature_set, _score_settings(args), batch_size=args.batch_size)
 
 
-def _load(args: ScoreArguments, source: str) -> tuple[Dataset, list]:
-    """Rows and samples of `source`: every row of the file checked (errors name it), then the subset drawn."""
+def _load(args: ScoreArguments, source: str) -> tuple[Dataset, list, list[int]]:
+    """Rows and samples of `source`, every row of the file checked (errors name it), then the subset drawn;
+    also the file's row number (counted from 1) of each kept row."""
     rows = load_rows(source, split=args.split)
     samples = rows_to_samples(rows, text_field=args.text_field, source=source)
     keep = subset_indices(len(rows), args.max_samples, args.seed)
-    return rows.select(keep), [samples[i] for i in keep]
+    return rows.select(keep), [samples[i] for i in keep], [i + 1 for i in keep]
+
+
+def _check_scoreable(args: ScoreArguments, source: str, samples: list, row_numbers: list[int], tokenizer) -> None:
+    """Every sample has tokens to score in the span (errors name the file's rows)."""
+    try:
+        _score_settings(args).check_scoreable(tokenize_samples(tokenizer, samples, max_length=None), row_numbers)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
 
 
 def read_score_inputs(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> dict:
-    """The rows and samples to score (and, for `filter`, the reference samples), the SAE and the feature set."""
-    rows, samples = _load(args, args.data)
-    reference = None
+    """The rows and samples to score (and, for `filter`, the reference samples), the SAE and the feature set;
+    files first, then the SAE and feature set, then (with the tokenizer alone) the samples' tokens."""
+    _score_settings(args)  # bad settings fail before any file is read
+    sources = {"data": (args.data, *_load(args, args.data))}
     if getattr(args, "policy", None) == "reference_percentile":
-        reference = _load(args, args.reference)[1]
+        sources["reference"] = (args.reference, *_load(args, args.reference))
     sae, feature_set = sae_args.load()
+    tokenizer = load_tokenizer(args.model)  # the model itself loads after every check
+    for source, _, samples, row_numbers in sources.values():
+        _check_scoreable(args, source, samples, row_numbers, tokenizer)
+    _, rows, samples, _ = sources["data"]
+    reference = sources["reference"][2] if "reference" in sources else None
     return {"rows": rows, "samples": samples, "reference": reference, "sae": sae, "feature_set": feature_set}
+
+
+TRUNCATED_COLUMN = "geoguard_truncated_tokens"
+"""Column `geoguard score --truncate` writes: tokens of each row past --max_length that were not scored."""
+
+
+def _long_samples(scores: SampleScores, args: ScoreArguments) -> str:
+    """One sentence on the samples longer than --max_length: read whole in windows, or cut (and counted where)."""
+    if args.truncate:
+        cut = int((scores.truncated_tokens > 0).sum())
+        return (
+            f"{cut} rows were cut to --max_length {args.max_length} tokens (column {TRUNCATED_COLUMN} counts the rest)."
+        )
+    whole = int((scores.n_windows > 1).sum())
+    return f"{whole} rows longer than --max_length {args.max_length} tokens were read whole in windows."
 
 
 def _score_interrupted(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> str:
@@ -387,11 +450,15 @@ def run_score(
                 rows = rows.remove_columns(column)
         rows = rows.add_column(SCORE_COLUMN, scores.scores.tolist())
         rows = rows.add_column(NEAREST_COLUMN, scores.nearest.tolist())
+        if args.truncate:
+            rows = rows.remove_columns([c for c in (TRUNCATED_COLUMN,) if c in rows.column_names])
+            rows = rows.add_column(TRUNCATED_COLUMN, scores.truncated_tokens.tolist())
         write_rows(rows, args.output)
         q = np.quantile(scores.scores, [0, 0.5, 0.9, 1])
         print(
-            f"Scored {len(rows)} rows ({args.method}, {args.span} tokens): min {q[0]:.4g}, median {q[1]:.4g}, "
-            f"90th percentile {q[2]:.4g}, max {q[3]:.4g}. Written to {args.output}."
+            f"Scored {len(rows)} rows ({args.method}, {args.span} tokens, {args.pooling} pooling): min {q[0]:.4g}, "
+            f"median {q[1]:.4g}, 90th percentile {q[2]:.4g}, max {q[3]:.4g}. {_long_samples(scores, args)} "
+            f"Written to {args.output}."
         )
     return scores
 
@@ -415,7 +482,8 @@ def run_filter(
     write_rows(result.kept, args.output)
     print(
         f"Kept {len(result.kept)} of {len(rows)} rows ({result.policy}); {len(result.dropped_rows)} dropped rows "
-        f"with their scores, ranks and nearest toxic features in {result.audit_path}. Kept rows: {args.output}."
+        f"with their scores, ranks and nearest toxic features in {result.audit_path}. Kept rows: {args.output}. "
+        + _long_samples(scores, args)
     )
     return result
 

@@ -572,7 +572,7 @@ def find_features(
     hook_name = sae_hook_name(sae)
 
     # The steps of the module docstring: split, selection pass, held-out pass; then statistics and labels.
-    groups, length_note = _tokenize_groups(
+    groups, length_note, truncated = _tokenize_groups(
         tokenizer,
         contrasts,
         check_contrasts,
@@ -608,6 +608,13 @@ def find_features(
         seed=seed,
         flag_below=flag_below,
     )
+    for contrast, sides in truncated.items():
+        counts = " and ".join(f"{n} {side}" for side, n in sides.items())
+        summary["warnings"].append(
+            f"In {contrast!r}, {counts} samples are longer than max_length={max_length} tokens; the statistics read "
+            "their first max_length tokens only. Raise max_length (--max_length) to read them whole."
+        )
+        logger.warning("Feature set %r: %s", name, summary["warnings"][-1])
 
     decoder = sae.W_dec[selection.ids].detach().float().cpu()
     tokens = logit_lens_tokens(model, tokenizer, decoder)
@@ -629,6 +636,8 @@ def find_features(
                 for c in items
             ],
             "length_matched": length_note,
+            "truncated_samples": truncated,
+            "max_length": max_length,
             "span": span,
             "pooling": pooling,
             "rank_by": rank_by,
@@ -656,22 +665,26 @@ def _tokenize_groups(
     heldout_fraction: float,
     max_length: int,
     rng: random.Random,
-) -> tuple[list[_Group], dict[str, list[int]]]:
+) -> tuple[list[_Group], dict[str, list[int]], dict[str, dict[str, int]]]:
     """Tokenize both sides of every contrast and split them into selection and held-out rows.
 
-    Check contrasts are held out whole. Returns the groups (selection contrasts first, target before
-    reference) and, with `match_lengths`, the number of rows kept per side of each contrast.
+    Check contrasts are held out whole. Samples longer than `max_length` tokens are cut to it, and counted.
+    Returns the groups (selection contrasts first, target before reference); with `match_lengths`, the number
+    of rows kept per side of each contrast; and the number of samples cut per side of each contrast.
     """
     groups: list[_Group] = []
-    length_note = {}
+    length_note, truncated = {}, {}
     for role, items in (("selection", contrasts), ("check", check_contrasts)):
         for contrast in items:
             sides = {}
             for side in ("target", "reference"):
                 try:
-                    sides[side] = tokenize_samples(tokenizer, getattr(contrast, side), max_length=max_length)
+                    whole = tokenize_samples(tokenizer, getattr(contrast, side), max_length=None)
                 except ValueError as err:
                     raise ValueError(f"Contrast {contrast.name!r}, {side} side: {err}") from err
+                if n_cut := sum(len(t.input_ids) > max_length for t in whole):
+                    truncated.setdefault(contrast.name, {})[side] = n_cut
+                sides[side] = [TokenizedSample(t.input_ids[:max_length], t.response_mask[:max_length]) for t in whole]
             rows = {side: list(range(len(tok))) for side, tok in sides.items()}
             if match_lengths:
                 rows["target"], rows["reference"] = _match_lengths(
@@ -684,7 +697,7 @@ def _tokenize_groups(
                 else:
                     select, heldout = [], rows[side]
                 groups.append(_Group(contrast.name, side, role, sides[side], select, heldout))
-    return groups, length_note
+    return groups, length_note, truncated
 
 
 class _GroupReader:

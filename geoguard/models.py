@@ -140,7 +140,23 @@ def load_model(
     )
     if gguf_file:
         _drop_gguf_quantizer(model)
-    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+    return model.eval(), load_tokenizer(source, gguf_file=gguf_file)
+
+
+def load_tokenizer(
+    name_or_path: str | Path = EMBEDDED_MODEL, *, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model `load_model` would load (to check data before a model loads).
+
+    Returns:
+        The tokenizer, with a pad token.
+    """
+    source: str | Path = name_or_path
+    if name_or_path == EMBEDDED_MODEL:
+        source = embedded_model_dir()
+    elif str(name_or_path).endswith(".gguf"):
+        source, gguf_file = Path(name_or_path).parent, Path(name_or_path).name
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer

@@ -124,6 +124,56 @@ class ScoreSettings:
         sinks = self.sink_rule.first_positions if self.sink_rule is not None else 0
         return max(int(self.window_overlap * self.max_length), sinks)
 
+    def check_scoreable(self, tokenized: Sequence[TokenizedSample], rows: Sequence[int] | None = None) -> None:
+        """Raise `ValueError` naming the samples with no token to score, before any forward pass.
+
+        A sample has none when its span is empty (a prompt-only chat with `span="response"`; with `truncate`,
+        a response past the first `max_length` tokens) or holds only the first positions the sink rule leaves
+        out as attention sinks.
+
+        Args:
+            tokenized (list of `TokenizedSample`): the samples, whole (truncation is applied here with `truncate`).
+            rows (list of `int`, *optional*): the caller's row of each sample, named in the message (defaults to
+                the positions in `tokenized`).
+        """
+        settings = self
+        rows = range(len(tokenized)) if rows is None else rows
+        sinks = settings.sink_rule.first_positions if settings.sink_rule is not None else 0
+        empty, sinks_only = [], []
+        for row, sample in zip(rows, tokenized, strict=True):
+            in_span = _span_positions(self.cut(sample)[0], settings.span)
+            if not any(in_span):
+                empty.append(row)
+            elif not any(in_span[sinks:]):
+                sinks_only.append(row)
+        problems = []
+        if empty:
+            cut = (
+                f" within the first max_length={settings.max_length} tokens (truncate=True)"
+                if settings.truncate
+                else ""
+            )
+            problems.append(
+                f"Samples at rows {_first(empty)} have no tokens to score in span {settings.span!r}{cut} (prompt-only "
+                "chats score nothing with span='response'). Score with span='all' or give the chats an answer."
+            )
+        if sinks_only:
+            problems.append(
+                f"Samples at rows {_first(sinks_only)} have only attention-sink tokens in span {settings.span!r}: the "
+                f"first {sinks} position(s) of a sample are left out (ScoreSettings.sink_rule). Score with span='all' "
+                "or give them a longer answer."
+            )
+        if problems:
+            raise ValueError(" ".join(problems))
+
+    def cut(self, sample: TokenizedSample) -> tuple[TokenizedSample, int]:
+        """The sample as scored (its first `max_length` tokens with `truncate`) and the number of tokens cut."""
+        cut = len(sample.input_ids) - self.max_length
+        if not self.truncate or cut <= 0:
+            return sample, 0
+        length = self.max_length
+        return TokenizedSample(sample.input_ids[:length], sample.response_mask[:length]), cut
+
 
 @dataclass
 class SampleScores:
@@ -238,54 +288,11 @@ class ToxicScorer:
         return result
 
     def check_scoreable(self, tokenized: Sequence[TokenizedSample], rows: Sequence[int] | None = None) -> None:
-        """Raise `ValueError` naming the samples with no token to score, before any forward pass.
-
-        A sample has none when its span is empty (a prompt-only chat with `span="response"`; with `truncate`,
-        a response past the first `max_length` tokens) or holds only the first positions the sink rule leaves
-        out as attention sinks.
-
-        Args:
-            tokenized (list of `TokenizedSample`): the samples, whole (truncation is applied here with `truncate`).
-            rows (list of `int`, *optional*): the caller's row of each sample, named in the message (defaults to
-                the positions in `tokenized`).
-        """
-        settings = self.settings
-        rows = range(len(tokenized)) if rows is None else rows
-        sinks = settings.sink_rule.first_positions if settings.sink_rule is not None else 0
-        empty, sinks_only = [], []
-        for row, sample in zip(rows, tokenized, strict=True):
-            in_span = _span_positions(self._cut(sample)[0], settings.span)
-            if not any(in_span):
-                empty.append(row)
-            elif not any(in_span[sinks:]):
-                sinks_only.append(row)
-        problems = []
-        if empty:
-            cut = (
-                f" within the first max_length={settings.max_length} tokens (truncate=True)"
-                if settings.truncate
-                else ""
-            )
-            problems.append(
-                f"Samples at rows {_first(empty)} have no tokens to score in span {settings.span!r}{cut} (prompt-only "
-                "chats score nothing with span='response'). Score with span='all' or give the chats an answer."
-            )
-        if sinks_only:
-            problems.append(
-                f"Samples at rows {_first(sinks_only)} have only attention-sink tokens in span {settings.span!r}: the "
-                f"first {sinks} position(s) of a sample are left out (ScoreSettings.sink_rule). Score with span='all' "
-                "or give them a longer answer."
-            )
-        if problems:
-            raise ValueError(" ".join(problems))
+        """See `ScoreSettings.check_scoreable` (the check needs the settings only, not the model)."""
+        self.settings.check_scoreable(tokenized, rows)
 
     def _cut(self, sample: TokenizedSample) -> tuple[TokenizedSample, int]:
-        """The sample as scored (its first `max_length` tokens with `truncate`) and the number of tokens cut."""
-        cut = len(sample.input_ids) - self.settings.max_length
-        if not self.settings.truncate or cut <= 0:
-            return sample, 0
-        length = self.settings.max_length
-        return TokenizedSample(sample.input_ids[:length], sample.response_mask[:length]), cut
+        return self.settings.cut(sample)
 
     @torch.no_grad()
     def score_tokenized(

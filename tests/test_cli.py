@@ -171,7 +171,16 @@ def test_score_and_filter_commands_write_scores_kept_rows_and_the_audit(local_mo
     assert list(scored["id"]) == list(range(8))
     assert min(scored["geoguard_score"][:4]) > max(scored["geoguard_score"][4:])
     assert all(n[0] in PLANTED.values() for n in scored["geoguard_nearest"][:4])
-    assert "Scored 8 rows (direct, response tokens)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Scored 8 rows (direct, response tokens, mean pooling)" in out
+    assert "0 rows longer than --max_length 512 tokens were read whole in windows" in out
+
+    # Long rows are read whole in windows, or cut only when asked, and the count says where it is recorded.
+    main(["score", *common, "--output", str(tmp_path / "w.jsonl"), "--max_length", "16", "--no_cache"])
+    assert "rows longer than --max_length 16 tokens were read whole in windows" in capsys.readouterr().out
+    main(["score", *common, "--output", str(tmp_path / "t.jsonl"), "--max_length", "16", "--truncate", "--no_cache"])
+    assert "8 rows were cut to --max_length 16 tokens (column geoguard_truncated_tokens" in capsys.readouterr().out
+    assert min(load_rows(tmp_path / "t.jsonl")["geoguard_truncated_tokens"]) > 0
 
     main(["filter", *common, "--output", str(tmp_path / "kept.jsonl"), "--fraction", "0.25"])
     kept = load_rows(tmp_path / "kept.jsonl")
@@ -211,6 +220,16 @@ def _bad_files(tmp_path) -> dict[str, Path]:
         "malformed": "\n".join(good[:5] + ['{"text": "broken \\x", '] + good[5:]) + "\n",
         "empty": "",
         "no_text": "\n".join(json.dumps({"id": i, "body": "x"}) for i in range(3)) + "\n",
+        "no_answer": "\n".join(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "Hi?" * (i + 1)}]
+                    + ([{"role": "assistant", "content": "Hello."}] if i != 7 else [])
+                }
+            )
+            for i in range(12)
+        )
+        + "\n",  # row 8 is a question without an answer
     }
     for name, content in files.items():
         (tmp_path / f"{name}.jsonl").write_text(content)
@@ -223,6 +242,7 @@ def _bad_files(tmp_path) -> dict[str, Path]:
         ("malformed", [], r"malformed.jsonl, line 6: not valid JSON \(Invalid \\escape at column 18\)"),
         ("empty", [], r"empty.jsonl is empty; pass a file with at least one sample"),
         ("no_text", [], r"no_text.jsonl, row 1: none of the columns geoguard reads .*--text_field"),
+        ("no_answer", [], r"no_answer.jsonl: Samples at rows \[8\] have no tokens to score in span 'response'"),
         ("good", ["--fraction", "1.5"], r"--fraction must be in \[0, 1\], got 1.5"),
         ("good", ["--max_length", "0"], r"--max_length must be >= 1, got 0"),
         ("good", ["--geoguard_feature_set", "no/such/set"], r"No feature set at no/such/set"),
