@@ -216,7 +216,7 @@ class TokenPooler:
     Args:
         n_rows (`int`): number of samples, the rows of the result.
         pooling (`Pooling`): `mean`, `max`, `window_mean` or `topk_mean` over each row's tokens.
-        passage_tokens (`int`, defaults to 32): the window of `window_mean`, the k of `topk_mean`.
+        passage_tokens (`int`, defaults to 8): the window of `window_mean`, the k of `topk_mean`.
         passage_score (callable, *optional*): maps values `(..., d)` to the score `(...)` passages are ranked by;
             defaults to their mean over `d`.
 
@@ -233,7 +233,7 @@ class TokenPooler:
         n_rows: int,
         pooling: Pooling,
         *,
-        passage_tokens: int = 32,
+        passage_tokens: int = 8,
         passage_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if pooling not in ("mean", "max", "window_mean", "topk_mean"):
@@ -316,7 +316,7 @@ class TokenPooler:
 
 
 def pool_rows(
-    feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling, *, passage_tokens: int = 32
+    feature_acts: torch.Tensor, keep: torch.Tensor, pooling: Pooling, *, passage_tokens: int = 8
 ) -> torch.Tensor:
     """Pool kept-token activations `(n_kept, d)` into one row per sequence `(batch, d)`; `keep` is `(batch, seq)`."""
     pooler = TokenPooler(keep.shape[0], pooling, passage_tokens=passage_tokens)

@@ -97,7 +97,7 @@ def test_passage_pooling_sees_a_short_passage_that_mean_pooling_dilutes(pooling)
     assert pooled[pooling].min() > 0.99  # the passage itself
     short = torch.rand(2, 12, 3)  # samples of at most passage_tokens tokens are mean-pooled
     keep = torch.ones(2, 12, dtype=torch.bool)
-    torch.testing.assert_close(pool_rows(short.reshape(-1, 3), keep, pooling), short.mean(1))
+    torch.testing.assert_close(pool_rows(short.reshape(-1, 3), keep, pooling, passage_tokens=12), short.mean(1))
 
 
 @pytest.mark.parametrize("pooling", ["window_mean", "topk_mean"])

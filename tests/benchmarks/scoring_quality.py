@@ -20,8 +20,7 @@ model (`ToxicScorer.iter_token_values`, batched as `score_dataset` batches); `pr
 scored with the pooling chosen as the default. The passage poolings' `passage_tokens` (4, 8, 16, 32 or 64) and
 the default pooling are chosen on a development split that no reported number uses: AdvBench requests (none
 of them in the refusal-direction files) vs other harmless_val requests, 100 other jailbroken and Alpaca chats,
-and AdvBench requests embedded in benign text made of the other half of the Alpaca answers. The criterion is
-the mean of two means: the AUROC over the short development contrasts and over the embedded ones.
+and AdvBench requests embedded in benign text made of the other half of the Alpaca answers (see `choose`).
 
 Next to the scores: random scores, token length alone (a high length AUROC means the sides differ in
 format), and a bag-of-words classifier (TF-IDF + logistic regression, 5-fold cross-validated *on the
@@ -239,8 +238,14 @@ def removal(scores: np.ndarray, harmful: np.ndarray, fraction: float = 0.5) -> d
     return {"precision": float(hits / dropped.sum()), "recall": float(hits / harmful.sum())}
 
 
-def choose(dev: dict[str, dict[str, float]]) -> tuple[dict[str, float], str, str, str]:
-    """Each candidate's criterion on the development contrasts, the best width of each passage pooling, the default."""
+def choose(dev: dict[str, dict[str, float]], max_loss: float = 0.02) -> tuple[dict[str, float], str, str, str]:
+    """Each candidate's criterion on the development contrasts, the best width of each passage pooling, the default.
+
+    The criterion is the mean of two means, of the AUROC over the short development contrasts and over the embedded
+    ones. The default is the candidate with the best criterion among those that lose at most `max_loss` AUROC
+    against `mean` on every short development contrast (a pooling must not cost the short, realistic samples
+    what it gains on long ones): `mean` when none qualifies.
+    """
     short = [name for name in dev if "benign chars" not in name]
     embedded = [name for name in dev if "benign chars" in name]
     criterion = {
@@ -249,7 +254,8 @@ def choose(dev: dict[str, dict[str, float]]) -> tuple[dict[str, float], str, str
     }
     window = max((c for c in CANDIDATES if c.startswith("window_mean")), key=criterion.get)
     topk = max((c for c in CANDIDATES if c.startswith("topk_mean")), key=criterion.get)
-    return criterion, window, topk, max(("mean", "max", window, topk), key=criterion.get)
+    allowed = [c for c in ("mean", "max", window, topk) if all(dev[n][c] >= dev[n]["mean"] - max_loss for n in short)]
+    return criterion, window, topk, max(allowed, key=criterion.get)
 
 
 def main() -> None:
@@ -271,8 +277,10 @@ def main() -> None:
     model, tokenizer = load_model()
     sae = load_sae()
     toxic = FeatureSet.load(sae=sae)
-    # Pooling does not change what the model reads: one scorer gives the token values every pooling pools.
-    direct = ToxicScorer(model, tokenizer, sae, toxic, ScoreSettings(method="direct"), batch_size=args.batch_size)
+    # Pooling does not change what the model reads: one scorer gives the token values every pooling pools (its
+    # pooling is set only to keep the cache key independent of the default).
+    token_settings = ScoreSettings(method="direct", pooling="mean")
+    direct = ToxicScorer(model, tokenizer, sae, toxic, token_settings, batch_size=args.batch_size)
 
     data = contrasts(root, args.n, args.seed)
     answers = [chat["messages"][-1]["content"] for chat in load_alpaca(root / "benign" / "alpaca_en_demo.json")]
@@ -294,9 +302,13 @@ def main() -> None:
     dev_auroc = {name: aurocs(dev_scores[name], len(dev[name][0])) for name in dev}
     criterion, window, topk, default = choose(dev_auroc)
     print(f"development split: best {window}, best {topk}, default {default} ({time.perf_counter() - began:.0f} s)")
-    for name, value in sorted(criterion.items(), key=lambda kv: -kv[1]):
-        print(f"  {name}: {value:.3f}", flush=True)
     shown = ("mean", "max", window, topk)
+    print("\n| development contrast | " + " | ".join(shown) + " |\n" + "|---" * (len(shown) + 1) + "|")
+    for name, row in dev_auroc.items():
+        print(
+            f"| {name} ({len(dev[name][0])}+{len(dev[name][1])}) | " + " | ".join(f"{row[c]:.3f}" for c in shown) + " |"
+        )
+    print("| criterion | " + " | ".join(f"{criterion[c]:.3f}" for c in shown) + " |\n", flush=True)
     default_pooling, default_width = CANDIDATES[default]
 
     # 2. Reported contrasts: direct under each pooling; the other scores with the default pooling.
@@ -319,8 +331,9 @@ def main() -> None:
         n_tokens = test_scores[name]["n_tokens"]
         row["length"] = float(auroc(n_tokens[: len(target)], n_tokens[len(target) :]))
         row["random"] = float(auroc(*np.split(random_scores(len(target) + len(reference), args.seed), [len(target)])))
-        bow = cross_validated_bow(target, reference, args.seed)
-        row["bag_of_words_cv"] = float(auroc(bow[: len(target)], bow[len(target) :]))
+        if kind != "embedded":  # each embedded benign text is on both sides: a fold would learn its twin's label
+            bow = cross_validated_bow(target, reference, args.seed)
+            row["bag_of_words_cv"] = float(auroc(bow[: len(target)], bow[len(target) :]))
         table[name] = row
         print(name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
