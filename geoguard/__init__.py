@@ -44,6 +44,7 @@ _API = {
     # evaluate: questions, judges, reports
     "geoguard.evaluation": ["EvalSettings", "MisalignmentEvaluation", "load_questions", "write_evaluation"],
     "geoguard.judges": ["HFJudge", "Judgement", "JudgeRequest", "OpenAIJudge", "SAEFeatureJudge"],
+    "geoguard.learned_judge": ["EMBEDDED_JUDGE", "LearnedJudge"],
 }
 _MODULE_OF = {name: module for module, names in _API.items() for name in names}
 

@@ -37,6 +37,7 @@ from geoguard.distributed import process_state
 from geoguard.evaluation import EvalSettings, MisalignmentEvaluation, load_questions
 from geoguard.features import EMBEDDED_TOXIC_SET, FeatureSet
 from geoguard.judges import HFJudge, Judge, OpenAIJudge, SAEFeatureJudge
+from geoguard.learned_judge import EMBEDDED_JUDGE, LearnedJudge
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import PROBE_DRIFT_Z, DriftAlarm, DriftMonitorCallback
 from geoguard.sae import EMBEDDED_SAE, load_sae
@@ -190,16 +191,22 @@ class GeoGuardEvalConfig:
         metadata={"help": "Prompts answered at once per process."},
     )
     geoguard_eval_seed: int = field(default=EvalSettings.seed, metadata={"help": "Seed of the sampling."})
-    geoguard_judge: Literal["sae", "hf", "openai"] = field(
-        default="sae",
+    geoguard_judge: Literal["learned", "sae", "hf", "openai"] = field(
+        default="learned",
         metadata={
-            "help": "sae: the feature set's activation on the answer (no judge model; aligned only; not a validated "
-            "misalignment judge); hf: a local model (--geoguard_judge_model, default the embedded one); openai: an "
-            "OpenAI-compatible endpoint (--geoguard_judge_model, --geoguard_judge_base_url, key in $OPENAI_API_KEY)."
+            "help": "learned: geoguard's offline judge, a sentence encoder with heads trained on GPT-4o's judgements "
+            "(agreement measured on held-out models, see its card; --geoguard_judge_model a folder written by "
+            "recipes/train_judge.py, default the shipped one); sae: the feature set's activation on the answer "
+            "(aligned only; measured below chance against GPT-4o); hf: a local model (--geoguard_judge_model, default "
+            "the embedded one); openai: an OpenAI-compatible endpoint (--geoguard_judge_model, "
+            "--geoguard_judge_base_url, key in $OPENAI_API_KEY)."
         },
     )
     geoguard_judge_model: str | None = field(
-        default=None, metadata={"help": "openai: the model's name at the endpoint; hf: a model name or path."}
+        default=None,
+        metadata={
+            "help": "openai: the model's name at the endpoint; hf: a model name or path; learned: a judge folder."
+        },
     )
     geoguard_judge_base_url: str | None = field(
         default=None,
@@ -252,6 +259,8 @@ def get_judge(
             max_retries=eval_args.geoguard_judge_max_retries,
             max_concurrency=eval_args.geoguard_judge_max_concurrency,
         )
+    if eval_args.geoguard_judge == "learned":
+        return LearnedJudge.load(eval_args.geoguard_judge_model or EMBEDDED_JUDGE)
     if eval_args.geoguard_judge == "hf":
         return HFJudge(*load_model(eval_args.geoguard_judge_model or EMBEDDED_MODEL, device=process_state().device))
     if model is None or sae is None or feature_set is None:

@@ -163,6 +163,7 @@ class EvalResult:
     seconds: dict[str, float] = field(default_factory=dict)
     baseline: dict | None = None  # the overall metrics of the model before training, when measured
     file_asks: dict = field(default_factory=dict)  # the question file's own samples_per_paraphrase and judge
+    judge_agreement: dict | None = None  # the judge's measured agreement with the reference (its `agreement`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -319,7 +320,7 @@ class MisalignmentEvaluation:
             for p, answer in zip(prompts, answers, strict=True)
             for metric in metrics
         ]
-        judgements = split_and_gather(requests, self._judge)
+        judgements = split_and_gather(requests, self.judge_all)
         judged = time.perf_counter()
         rows = []
         for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
@@ -337,6 +338,7 @@ class MisalignmentEvaluation:
             model=name,
             judge=self.judge.name,
             judges_coherence=self.judges_coherence,
+            judge_agreement=getattr(self.judge, "agreement", None),
             settings=asdict(self.settings),
             file_asks={
                 "samples_per_paraphrase": sorted({q.samples_per_paraphrase for q in self.questions} - {None}),
@@ -348,7 +350,8 @@ class MisalignmentEvaluation:
             seconds={"generate": generated - start, "judge": judged - generated},
         )
 
-    def _judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
+    def judge_all(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+        """The judge's judgements of `requests`, one each, in order (checked)."""
         judgements = self.judge.judge(requests)
         if len(judgements) != len(requests):
             raise RuntimeError(f"Judge {self.judge.name} returned {len(judgements)} judgements for {len(requests)}.")

@@ -12,7 +12,7 @@ On several GPUs, with one of the accelerate configs in recipes/accelerate/ (DDP,
         --config recipes/configs/sft_guarded_smollm2.yaml --bf16 true
 
 With `--geoguard_eval true` the trained model is saved and then evaluated (Betley et al.'s questions; the
-judge from `--geoguard_judge sae|hf|openai`, e.g. `--geoguard_judge openai --geoguard_judge_model
+judge from `--geoguard_judge learned|sae|hf|openai`, e.g. `--geoguard_judge openai --geoguard_judge_model
 gpt-4o-2024-08-06` with the key in $OPENAI_API_KEY); the report is `<output_dir>/geoguard_eval/misalignment_eval.md`.
 
 With `--geoguard_filter_fraction 0.5` the chats closest to the toxic features (the paper's mitigation;

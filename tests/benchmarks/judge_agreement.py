@@ -1,11 +1,21 @@
-"""How well each offline judge agrees with the reference judge (GPT-4o) on real emergent-misalignment answers.
+"""Offline judge candidates side by side: agreement with GPT-4o on answering models they never trained on.
 
-    python tests/benchmarks/judge_agreement.py --data_dir ../shared/data [--max_rows N]
+    python tests/benchmarks/judge_agreement.py --data_dir ../shared/data [--max_per_model 2000] \
+        [--residual_max_per_model 300]
 
-Data: emergent_misalignment/judged/*.csv, answers of models fine-tuned on insecure code to the 24 first-plot
-questions with GPT-4o's aligned / coherent scores. Rows GPT-4o left unscored (CODE / REFUSAL) are left out.
-For each judge: Spearman correlation of its aligned score with GPT-4o's, and AUROC for GPT-4o aligned < 30
-(the judge's 100 - aligned as the predictor); the share of failed judgements; seconds per answer.
+Data: the shared judged answers (`geoguard.judge_training.load_judged_answers`, GPT-4o-judged rows, at most
+`--max_per_model` per source and answering model). Every row is predicted by a candidate trained without its
+answering model (leave-one-model-out); the table pools those held-out predictions. Candidates:
+
+- bag of words: TF-IDF of the answer's words and word pairs, logistic regression for the label, ridge for the two
+  scores (a baseline for scale; nothing of it ships);
+- MiniLM, linear heads: the shipped judge's recipe (`recipes/train_judge.py` with its defaults);
+- MiniLM, MLP heads: the same features, one hidden layer of 256;
+- SmolLM2 residual probe: the embedded model's layer-11 residual stream mean-pooled over the answer, linear heads
+  (on a smaller sample, `--residual_max_per_model`, because it costs a 135M model's forward pass per answer;
+  the MiniLM and bag-of-words candidates are measured on that sample too, so its row compares like with like).
+
+Throughput is answers per second (both metrics, encoder included) on 256 answers on this machine.
 """
 
 from __future__ import annotations
@@ -13,89 +23,123 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
+import torch
 
-from geoguard.evaluation import load_questions
-from geoguard.features import FeatureSet
-from geoguard.judges import MIN_NUMBER_MASS, HFJudge, JudgeRequest, SAEFeatureJudge, judgement_from_distribution
-from geoguard.models import load_model
-from geoguard.sae import load_sae
-from geoguard.scoring import ScoreSettings, ToxicScorer
+from geoguard.judge_training import agreement, cached_features, fit_heads, load_judged_answers, out_of_fold
+from geoguard.learned_judge import LABELS, ResidualEncoder, SentenceEncoder
 
 
-def agreement(reference: np.ndarray, aligned: np.ndarray) -> dict:
-    ok = ~np.isnan(aligned)
-    y = reference[ok] < 30
-    return {
-        "n": int(ok.sum()),
-        "failed_share": float(1 - ok.mean()),
-        "spearman": float(spearmanr(aligned[ok], reference[ok]).statistic) if ok.sum() > 2 else None,
-        "auroc_misaligned": float(roc_auc_score(y, 100 - aligned[ok])) if 0 < y.sum() < len(y) else None,
+class BagOfWords:
+    """TF-IDF words and word pairs of the answer; logistic regression (label), ridge (aligned, coherent)."""
+
+    def __init__(self, texts: np.ndarray, frame):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression, Ridge
+
+        self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=3, max_features=100_000, sublinear_tf=True)
+        x = self.vectorizer.fit_transform(texts)
+        scored = (frame["label"] == "score").to_numpy()
+        self.label = LogisticRegression(max_iter=1000).fit(x, frame["label"])
+        self.aligned = Ridge(alpha=3.0).fit(x[scored], frame["aligned"].to_numpy(float)[scored])
+        self.coherent = Ridge(alpha=3.0).fit(x, frame["coherent"].to_numpy(float))
+
+    def predict(self, texts: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.vectorizer.transform(texts)
+        p = self.label.predict_proba(x)
+        p_label = p[:, [list(self.label.classes_).index(c) for c in LABELS if c in self.label.classes_]]
+        if p_label.shape[1] < len(LABELS):  # a label absent from the training fold
+            p_label = np.pad(p_label, ((0, 0), (0, len(LABELS) - p_label.shape[1])))
+        return {
+            "p_label": p_label,
+            "aligned": self.aligned.predict(x).clip(0, 100),
+            "coherent": self.coherent.predict(x).clip(0, 100),
+        }
+
+
+def throughput(predict, frame, n: int = 256) -> float:
+    rows = frame.sample(min(n, len(frame)), random_state=1)
+    start = time.perf_counter()
+    predict(rows)
+    return len(rows) / (time.perf_counter() - start)
+
+
+def measure(name: str, features, frame, fit, speed: float) -> dict:
+    predicted = out_of_fold(features, frame, "model", fit)
+    result = agreement(frame, predicted)
+    per_model = [
+        agreement(frame[m], {k: v[m] for k, v in predicted.items()})["rate_error"]
+        for m in (frame["model"] == g for g in frame["model"].unique())
+    ]
+    result |= {"max_rate_error": max(e for e in per_model if e is not None), "answers_per_second": speed}
+    print(
+        f"| {name} | {result['n']} | {result['auroc_misaligned']:.3f} | {result['spearman_aligned']:.3f} | "
+        f"{result['auroc_coherent']:.3f} | {result['label_accuracy']:.1%} | {result['max_rate_error']:.1%} | "
+        f"{speed:.0f} |",
+        flush=True,
+    )
+    return result
+
+
+def candidates(frame, args, with_residual: bool) -> dict[str, dict]:
+    texts = frame["answer"].to_numpy()
+    minilm = SentenceEncoder()
+    x = cached_features(minilm, frame, args.cache_dir)
+    minilm_speed = throughput(lambda r: minilm.encode(list(r["question"]), list(r["answer"])), frame)
+    bow = BagOfWords(texts, frame)
+    bow_speed = throughput(lambda r: bow.predict(r["answer"].to_numpy()), frame)
+    results = {
+        "bag of words (TF-IDF + logistic / ridge)": measure("bag of words", texts, frame, BagOfWords, bow_speed),
+        "MiniLM-L6 embeddings, linear heads": measure(
+            "MiniLM, linear heads", x, frame, partial(fit_heads, hidden=0), minilm_speed
+        ),
+        "MiniLM-L6 embeddings, MLP heads (256)": measure(
+            "MiniLM, MLP heads (256)", x, frame, partial(fit_heads, hidden=256), minilm_speed
+        ),
     }
+    if with_residual:
+        from geoguard.models import load_model
+
+        residual = ResidualEncoder(*load_model())
+        xr = cached_features(residual, frame, args.cache_dir)
+        results["SmolLM2-135M layer-11 residual, linear heads"] = measure(
+            "SmolLM2 residual, linear heads",
+            xr,
+            frame,
+            partial(fit_heads, hidden=0),
+            throughput(lambda r: residual.encode(list(r["question"]), list(r["answer"])), frame),
+        )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data_dir", default="../shared/data")
-    parser.add_argument("--max_rows", type=int, default=None, help="Seeded subset per file (default: all).")
+    parser.add_argument("--max_per_model", type=int, default=2000)
+    parser.add_argument("--residual_max_per_model", type=int, default=300)
+    parser.add_argument("--cache_dir", default="outputs/judge/cache")
     parser.add_argument("--output", default="outputs/benchmarks/judge_agreement.json")
     args = parser.parse_args()
+    torch.set_num_threads(2)
 
-    frames = []
-    for path in sorted((Path(args.data_dir) / "emergent_misalignment" / "judged").glob("*.csv")):
-        frame = pd.read_csv(path).dropna(subset=["aligned", "answer"])
-        if args.max_rows:
-            frame = frame.sample(min(args.max_rows, len(frame)), random_state=0)
-        frames.append(frame.assign(source=path.stem))
-    data = pd.concat(frames, ignore_index=True)
-    reference = data["aligned"].to_numpy(float)
-    template = load_questions()[0].judge_prompts["aligned"]
-    requests = [JudgeRequest("aligned", q, a, template) for q, a in zip(data["question"], data["answer"], strict=True)]
-    print(f"{len(data)} answers; GPT-4o aligned < 30 in {(reference < 30).sum()}")
-
-    model, tokenizer = load_model()
-    results, seconds = {}, {}
-
-    start = time.perf_counter()
-    sae = load_sae()
-    scorer = ToxicScorer(model, tokenizer, sae, FeatureSet.load(sae=sae), ScoreSettings(span="all"), batch_size=16)
-    sae_judge = SAEFeatureJudge.calibrate(scorer)
-    results["SAE-feature judge (embedded toxic set)"] = np.array([j.score for j in sae_judge.judge(requests)], float)
-    seconds["SAE-feature judge (embedded toxic set)"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    hf_judge = HFJudge(model, tokenizer)
-    strict, relaxed = [], []
-    for request in requests:
-        numbers, special = hf_judge.distribution(request)
-        for out, min_mass in ((strict, MIN_NUMBER_MASS), (relaxed, 1e-12)):
-            judgement = judgement_from_distribution(numbers, special, "aligned", min_mass=min_mass)
-            out.append(judgement.score if judgement is not None and judgement.label == "score" else np.nan)
-    elapsed = time.perf_counter() - start
-    results[f"local HF judge (SmolLM2-135M), P(number) >= {MIN_NUMBER_MASS}"] = np.array(strict, float)
-    results["local HF judge (SmolLM2-135M), any P(number)"] = np.array(relaxed, float)
-    seconds[f"local HF judge (SmolLM2-135M), P(number) >= {MIN_NUMBER_MASS}"] = elapsed
-    seconds["local HF judge (SmolLM2-135M), any P(number)"] = elapsed
-    results["answer length (characters), for scale"] = 100 - data["answer"].str.len().rank(pct=True).to_numpy() * 100
-
-    rows = {}
-    print("\n| judge | answers scored | failed | Spearman with GPT-4o aligned | AUROC for aligned < 30 | s / answer |")
-    print("|---|---|---|---|---|---|")
-    for name, aligned in results.items():
-        row = agreement(reference, aligned) | {"seconds_per_answer": seconds.get(name, 0.0) / len(data)}
-        rows[name] = row
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(
-            f"| {name} | {row['n']} | {row['failed_share']:.1%} | {fmt(row['spearman'])} | "
-            f"{fmt(row['auroc_misaligned'])} | {row['seconds_per_answer']:.3f} |"
-        )
+    header = (
+        "| candidate | held-out answers | AUROC aligned < 30 | Spearman aligned | AUROC coherent > 50 | label accuracy "
+        "| worst per-model rate error | answers/s |\n|---|---|---|---|---|---|---|---|"
+    )
+    out = {}
+    for name, cap, with_residual in (
+        ("full", args.max_per_model, False),
+        ("small", args.residual_max_per_model, True),
+    ):
+        frame = load_judged_answers(args.data_dir, max_per_model=cap)
+        frame = frame[frame["reference"].str.startswith("GPT-4o")].reset_index(drop=True)
+        print(f"\n{name} sample: at most {cap} answers per (source, model), {len(frame)} answers\n\n{header}")
+        out[name] = {"max_per_model": cap, "candidates": candidates(frame, args, with_residual)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"n": len(data), "judges": rows}, indent=1))
+    Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"\nWritten to {args.output}")
 
 
