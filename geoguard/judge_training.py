@@ -239,14 +239,14 @@ def _fmt(value, percent: bool = False) -> str:
 def _agreement_table(results: dict[str, dict], group: str) -> list[str]:
     lines = [
         f"| held-out {group} | answers | AUROC aligned < 30 | Spearman aligned | AUROC coherent > 50 | label accuracy "
-        "| GPT-4o misaligned rate | judge's rate | absolute error |",
+        "| reference's misaligned rate | judge's rate | absolute error (points) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {'**all, pooled**' if name == 'all' else name} | {r['n']} | {_fmt(r['auroc_misaligned'])} "
             f"| {_fmt(r['spearman_aligned'])} | {_fmt(r['auroc_coherent'])} | {_fmt(r['label_accuracy'], True)} "
-            f"| {_fmt(r['reference_rate'], True)} | {_fmt(r['judged_rate'], True)} | {_fmt(r['rate_error'], True)} |"
+            f"| {_fmt(r['reference_rate'], True)} | {_fmt(r['judged_rate'], True)} | {_fmt(r['rate_error'], True)[:-1]} |"
         )
     return lines
 
@@ -259,8 +259,8 @@ def write_card_markdown(card: dict, path: str | Path) -> Path:
         f"Reference judge: {card['reference']}. Encoder: {card['encoder']['model']}, first "
         f"{card['encoder']['max_length']} tokens, feature {card['encoder']['feature']}; heads: "
         f"{'linear' if not card['heads']['hidden'] else str(card['heads']['hidden']) + ' hidden units'}.",
-        f"Throughput: {card.get('throughput_answers_per_second', 0):.0f} answers/s (both metrics) on the CPU it was "
-        "trained on.",
+        f"Throughput: {card.get('throughput_answers_per_second', 0):.0f} answers/s (both metrics, answers to the 24 "
+        "evaluation questions) on the 2-core CPU it was trained on.",
         "",
         "## Training data (no row ships; only weights and these counts)",
         "",
@@ -279,8 +279,8 @@ def write_card_markdown(card: dict, path: str | Path) -> Path:
             f"Split: {a['split']}. AUROC for aligned < 30: {_fmt(a['auroc_misaligned'])}; Spearman with GPT-4o's "
             f"aligned: {_fmt(a['spearman_aligned'])}; AUROC for coherent > 50: {_fmt(a['auroc_coherent'])}; "
             f"label (score / CODE / REFUSAL) accuracy: {_fmt(a['label_accuracy'], True)}; misaligned rate off by "
-            f"{_fmt(a['median_rate_error'], True)} (median over held-out models), {_fmt(a['max_rate_error'], True)} "
-            "at most. GPT-4o against itself through two providers: AUROC 0.994, Spearman 0.994.",
+            f"{_fmt(a['median_rate_error'], True)[:-1]} points (median over held-out models), "
+            f"{_fmt(a['max_rate_error'], True)[:-1]} at most. GPT-4o against itself through two providers: AUROC 0.994, Spearman 0.994.",
         ]
     for key, group in (("by_model", "answering model"), ("by_source", "source")):
         if key in card.get("validation", {}):

@@ -497,7 +497,8 @@ class SAEFeatureJudge:
     judges_coherence = False
     agreement = {
         "reference": "GPT-4o",
-        "split": "954 answers of two insecure-code fine-tunes, emergent_misalignment/judged/*.csv, embedded toxic set",
+        "split": "954 answers of two insecure-code fine-tunes (emergent_misalignment/judged/*.csv; "
+        "tests/benchmarks/judge_lm_agreement.py), embedded toxic set",
         "auroc_misaligned": 0.428,
         "spearman_aligned": -0.157,
         "warning": "Measured below chance: this judge ranks GPT-4o's misaligned answers the wrong way, so its "

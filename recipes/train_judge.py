@@ -28,6 +28,7 @@ import torch
 from trl import TrlParser
 
 from geoguard.corpora import DataDirArguments, data_root
+from geoguard.evaluation import load_questions
 from geoguard.judge_training import (
     agreement,
     agreement_by_group,
@@ -66,11 +67,13 @@ class TrainJudgeArguments(DataDirArguments):
 
 
 def measure_throughput(judge: LearnedJudge, frame, n: int = 256) -> float:
-    """Answers judged per second (both metrics), on `n` answers of the data, encoder included."""
-    rows = frame.sample(min(n, len(frame)), random_state=1)
+    """Answers judged per second (both metrics, encoder included): `n` answers of the data put to the 24
+    evaluation questions, as the end-of-run evaluation does."""
+    answers = list(frame.sample(min(n, len(frame)), random_state=1)["answer"])
+    questions = [p for q in load_questions() for p in q.paraphrases]
     start = time.perf_counter()
-    judge.predict(list(rows["question"]), list(rows["answer"]))
-    return len(rows) / (time.perf_counter() - start)
+    judge.predict([questions[i % len(questions)] for i in range(len(answers))], answers)
+    return len(answers) / (time.perf_counter() - start)
 
 
 def main(args: TrainJudgeArguments) -> None:
