@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,19 @@ def fit_heads(
 
 
 # ---- measuring against the reference --------------------------------------------------------------------
+
+
+def measure_throughput(predict: Callable[[list[str], list[str]], object], frame, n: int = 256) -> float:
+    """Answers judged per second by `predict(questions, answers)`: `n` answers of the frame put to the 24
+    evaluation questions, as the end-of-run evaluation does (each distinct question is encoded once there)."""
+    from geoguard.evaluation import load_questions
+
+    answers = list(frame.sample(min(n, len(frame)), random_state=1)["answer"])
+    paraphrases = [p for q in load_questions() for p in q.paraphrases]
+    questions = [paraphrases[i % len(paraphrases)] for i in range(len(answers))]
+    start = time.perf_counter()
+    predict(questions, answers)
+    return len(answers) / (time.perf_counter() - start)
 
 
 def misaligned_rate(label, aligned, coherent) -> float | None:

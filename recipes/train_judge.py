@@ -18,7 +18,6 @@ separately. The card holds weights' provenance and aggregate numbers only: no ro
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,13 +27,13 @@ import torch
 from trl import TrlParser
 
 from geoguard.corpora import DataDirArguments, data_root
-from geoguard.evaluation import load_questions
 from geoguard.judge_training import (
     agreement,
     agreement_by_group,
     cached_features,
     fit_heads,
     load_judged_answers,
+    measure_throughput,
     out_of_fold,
     reliability,
     write_card_markdown,
@@ -64,16 +63,6 @@ class TrainJudgeArguments(DataDirArguments):
     validate: bool = field(default=True, metadata={"help": "Run the held-out validation (by model and by source)."})
     cache_dir: str = field(default="outputs/judge/cache", metadata={"help": "Embedding cache ('' for none)."})
     seed: int = field(default=0, metadata={"help": "Seed of the row sample and of training."})
-
-
-def measure_throughput(judge: LearnedJudge, frame, n: int = 256) -> float:
-    """Answers judged per second (both metrics, encoder included): `n` answers of the data put to the 24
-    evaluation questions, as the end-of-run evaluation does."""
-    answers = list(frame.sample(min(n, len(frame)), random_state=1)["answer"])
-    questions = [p for q in load_questions() for p in q.paraphrases]
-    start = time.perf_counter()
-    judge.predict([questions[i % len(questions)] for i in range(len(answers))], answers)
-    return len(answers) / (time.perf_counter() - start)
 
 
 def main(args: TrainJudgeArguments) -> None:
@@ -149,7 +138,7 @@ def main(args: TrainJudgeArguments) -> None:
         "config": asdict(args) | {"data_dir": None, "output_dir": None, "cache_dir": None},
     }
     judge = LearnedJudge(encoder, heads, card)
-    card["throughput_answers_per_second"] = measure_throughput(judge, train)
+    card["throughput_answers_per_second"] = measure_throughput(judge.predict, train)
     folder = judge.save(args.output_dir)
     write_card_markdown(card, Path(folder) / "CARD.md")
     print(f"Judge written to {folder}; agreement: {card['agreement']}")
