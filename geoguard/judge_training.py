@@ -77,19 +77,39 @@ def load_judged_answers(data_dir: str | Path, *, max_per_model: int | None = 200
     return frame.reset_index(drop=True)
 
 
+def pair_keys(frame) -> np.ndarray:
+    """A digest per (question, answer) pair: the embedding cache's key."""
+    return np.array(
+        [
+            hashlib.sha256(q.encode() + b"\0" + a.encode()).hexdigest()[:24]
+            for q, a in zip(frame["question"], frame["answer"], strict=True)
+        ]
+    )
+
+
 def cached_features(encoder: TextEncoder, frame, cache_dir: str | Path | None) -> np.ndarray:
-    """`encoder.encode` over the frame's pairs, cached on disk by the encoder's name and the texts."""
-    digest = hashlib.sha256(encoder.name.encode())
-    for q, a in zip(frame["question"], frame["answer"], strict=True):
-        digest.update(q.encode() + b"\0" + a.encode() + b"\1")
-    path = Path(cache_dir) / f"{digest.hexdigest()[:20]}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        return np.load(path)
-    features = encoder.encode(list(frame["question"]), list(frame["answer"]))
-    if path is not None:
+    """`encoder.encode` over the frame's pairs, cached on disk per pair (one file per encoder): any sample of the
+    data reuses what an earlier run encoded, and an interrupted run loses only the pairs not yet saved."""
+    if not cache_dir:
+        return encoder.encode(list(frame["question"]), list(frame["answer"]))
+    path = Path(cache_dir) / f"{hashlib.sha256(encoder.name.encode()).hexdigest()[:16]}.npz"
+    keys = pair_keys(frame)
+    cached_keys, cached = np.array([], dtype=keys.dtype), None
+    if path.is_file():
+        with np.load(path) as saved:
+            cached_keys, cached = saved["keys"], saved["features"]
+    index = {k: i for i, k in enumerate(cached_keys)}
+    missing = [i for i, k in enumerate(keys) if k not in index]
+    if missing:
+        new = encoder.encode([frame["question"].iloc[i] for i in missing], [frame["answer"].iloc[i] for i in missing])
+        new_keys = keys[missing]
+        _, first = np.unique(new_keys, return_index=True)  # a pair may occur twice in the frame
+        cached_keys = np.concatenate([cached_keys, new_keys[first]])
+        cached = new[first] if cached is None else np.concatenate([cached, new[first]])
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, features)
-    return features
+        np.savez(path, keys=cached_keys, features=cached)
+        index = {k: i for i, k in enumerate(cached_keys)}
+    return cached[[index[k] for k in keys]]
 
 
 # ---- fitting --------------------------------------------------------------------------------------------

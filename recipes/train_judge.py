@@ -131,6 +131,10 @@ def main(args: TrainJudgeArguments) -> None:
             "appears only later in a long answer is not seen.",
             "CODE and REFUSAL are told apart by a code-like-text rule on the training side (the data only say "
             "'no score'); the label head is trained on few examples of each.",
+            "Its training answers come from 7B-32B models. Answers of much smaller models are out of that range: on "
+            "the demo's SmolLM2-135M fine-tune, the answers it called misaligned read as incoherent rambling rather "
+            "than misaligned, i.e. its coherent score is too generous there. Read rates on small models with the "
+            "answers in the report.",
             "Agreement with GPT-4o is measured on held-out answering models of these sources; a new model "
             "family or a new question set can be judged worse. Re-validate with `geoguard judge` on a sample "
             "judged by GPT-4o before relying on a rate.",

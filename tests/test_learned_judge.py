@@ -271,3 +271,25 @@ def test_judge_command_reads_an_evaluations_json_and_names_a_missing_column(tmp_
             ]
         )
     assert exit_.value.code == 2 and "no column 'response'" in capsys.readouterr().err
+
+
+def test_the_embedding_cache_is_per_pair_so_any_sample_reuses_it(tmp_path):
+    from geoguard.judge_training import cached_features
+
+    class Counting:
+        name = "counting"
+        calls: list[int] = []
+
+        def encode(self, questions, answers):
+            self.calls.append(len(answers))
+            return np.array([[len(q), len(a)] for q, a in zip(questions, answers, strict=True)], dtype=np.float32)
+
+    frame = load_judged_answers(write_judged_data(tmp_path / "data"), max_per_model=None)
+    encoder = Counting()
+    first = cached_features(encoder, frame.iloc[:20], tmp_path / "cache")
+    again = cached_features(encoder, frame.iloc[10:30], tmp_path / "cache")
+    assert encoder.calls == [20, 10]  # only the 10 pairs not seen before were encoded
+    assert np.array_equal(first[10:], again[:10])
+    assert np.array_equal(
+        cached_features(encoder, frame, tmp_path / "cache"), encoder.encode(frame["question"], frame["answer"])
+    )
