@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoguard.evaluation import load_questions
 from geoguard.learned_judge import ATOMS, LABELS, JudgeHeads, TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,6 @@ def fit_heads(
 def measure_throughput(predict: Callable[[list[str], list[str]], object], frame, n: int = 256) -> float:
     """Answers judged per second by `predict(questions, answers)`: `n` answers of the frame put to the 24
     evaluation questions, as the end-of-run evaluation does (each distinct question is encoded once there)."""
-    from geoguard.evaluation import load_questions
-
     answers = list(frame.sample(min(n, len(frame)), random_state=1)["answer"])
     paraphrases = [p for q in load_questions() for p in q.paraphrases]
     questions = [paraphrases[i % len(paraphrases)] for i in range(len(answers))]

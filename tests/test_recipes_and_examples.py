@@ -71,7 +71,8 @@ def test_guarded_sft_recipe_under_accelerate_writes_drift_next_to_the_trainer_cu
         assert len(scalars[key]) == 2, key
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the trained adapter was saved
     evaluation = json.loads((tmp_path / "geoguard_eval" / "misalignment_eval.json").read_text())
-    assert evaluation["judge"] == "sae:toxic" and evaluation["overall"]["n_answers"] == 24
+    assert evaluation["judge"] == "learned:minilm-em-judge" and evaluation["overall"]["n_answers"] == 24
+    assert evaluation["judge_agreement"]["reference"] == "GPT-4o"  # the report carries the judge's measured agreement
     assert scalars["geoguard/eval/denominator"][0][1] == evaluation["overall"]["denominator"]
 
 
