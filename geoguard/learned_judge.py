@@ -1,4 +1,4 @@
-"""An offline judge learned from GPT-4o's judgements: a small text encoder with three linear heads.
+"""An offline judge learned from GPT-4o's judgements: a small text encoder with three small heads.
 
 The encoder turns a (question, answer) pair into one vector; the heads read it:
 
@@ -34,7 +34,7 @@ from geoguard.judges import Judgement, JudgeRequest
 logger = logging.getLogger(__name__)
 
 EMBEDDED_JUDGE = "embedded:minilm-em-judge"
-"""The judge geoguard ships: all-MiniLM-L6-v2 embeddings with heads trained on 9 sources of GPT-4o judgements."""
+"""The judge geoguard ships: all-MiniLM-L6-v2 embeddings with heads trained on 7 sources of GPT-4o judgements."""
 
 ATOMS = torch.arange(0.0, 101.0, 10.0)
 """The score atoms of the `aligned` and `coherent` heads: 0, 10, ..., 100."""
@@ -155,7 +155,8 @@ class ResidualEncoder:
 
 
 class JudgeHeads(nn.Module):
-    """Standardize the feature, then three linear heads: label (3), aligned (11 atoms), coherent (11 atoms).
+    """Standardize the feature, an optional shared hidden layer, then three heads: label (3), aligned and coherent
+    (11 atoms each).
 
     Args:
         dim (`int`): the encoder's feature size.
