@@ -649,11 +649,8 @@ def run_judge(
     judge, template = evaluation.judge, evaluation.questions[0].judge_prompts
     metrics = ("aligned", "coherent") if evaluation.judges_coherence else ("aligned",)
     todo = [i for i, problem in enumerate(problems) if not problem]
-    requests = [
-        JudgeRequest(m, rows[i][args.question_column], rows[i][args.answer_column], template[m])
-        for i in todo
-        for m in metrics
-    ]
+    questions, answers = rows[args.question_column], rows[args.answer_column]  # whole columns: one read each
+    requests = [JudgeRequest(m, questions[i], answers[i], template[m]) for i in todo for m in metrics]
     judged = evaluation.judge_all(requests)
     out: dict[str, list] = {c: [None] * len(rows) for c in JUDGE_COLUMNS}
     for i, problem in enumerate(problems):
