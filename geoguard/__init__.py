@@ -18,6 +18,7 @@ _API = {
     "geoguard.capture": ["HookPoint", "SinkRule", "capture", "iter_activations", "resolve_hook_point", "run_to_hook"],
     # discover: feature sets and their geometry
     "geoguard.features": ["Contrast", "FeatureSet", "find_features"],
+    "geoguard.presets": ["Preset", "load_feature_set", "preset_names"],
     "geoguard.geometry": ["measure_geometry"],
     # score and filter training data
     "geoguard.scoring": ["SampleScores", "ScoreSettings", "ToxicScorer", "score_dataset"],

@@ -116,6 +116,10 @@ def resolve_hook_point(model: nn.Module, hook_name: str) -> HookPoint:
     if match := _TL_RESID.match(hook_name):
         # resid_pre of layer L is the input of decoder layer L, resid_post its output.
         module_path, read_input = f"{layers_path}.{match.group(1)}", match.group(2) == "pre"
+        if int(match.group(1)) >= len(layers):
+            raise ValueError(
+                f"Hook name {hook_name!r} asks for layer {match.group(1)}, but the model has {len(layers)} layers."
+            )
     elif hook_name.endswith(".output"):
         module_path = hook_name.removesuffix(".output")
     elif hook_name.endswith(".input"):

@@ -1,5 +1,7 @@
 """The `geoguard` command line.
 
+    geoguard features --preset toxic --model google/gemma-2-2b --geoguard_sae gemma-scope-2b-pt-res-canonical \
+        --geoguard_sae_id layer_12/width_16k/canonical
     geoguard features --target toxic.jsonl --reference benign.jsonl --name toxic --output_dir sets/toxic
     geoguard geometry --geoguard_feature_set sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
     geoguard score --data train.jsonl --output scored.jsonl
@@ -44,6 +46,7 @@ from geoguard.filtering import (
 from geoguard.geometry import measure_geometry
 from geoguard.judges import JudgeRequest
 from geoguard.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from geoguard.presets import Preset, model_name_of, preset_names, preset_set_dir
 from geoguard.report import agreement_sentence, write_feature_set_card, write_geometry_report
 from geoguard.sae import load_sae
 from geoguard.scoring import (
@@ -80,6 +83,13 @@ class FeaturesArguments(ModelArguments):
     }
     """The accepted range of each numeric setting, checked by `geoguard.validation.check_fields`."""
 
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A contrast preset shipped with geoguard (toxic) instead of --target/--reference; without "
+            "--output_dir the set goes where `--geoguard_feature_set toxic` finds it for this model and SAE."
+        },
+    )
     target: list[str] = field(
         default_factory=list,
         metadata={"help": "Target-side data (file, saved folder or Hub name), one per contrast, e.g. toxic.jsonl."},
@@ -124,14 +134,20 @@ class FeaturesArguments(ModelArguments):
 
     def __post_init__(self):
         check_fields(self)
-        if not self.target or len(self.target) != len(self.reference):
+        if self.preset is not None:
+            Preset.load(self.preset)  # an unknown preset fails here, naming the shipped ones
+            if self.target or self.reference:
+                raise ValueError("Give either --preset or --target/--reference, not both.")
+            if self.name == "features":
+                self.name = self.preset
+        elif not self.target or len(self.target) != len(self.reference):
             raise ValueError(
                 f"Give one --reference per --target (got {len(self.target)} target and {len(self.reference)} reference "
-                "sources); each pair is one contrast."
+                f"sources); each pair is one contrast. Or use a shipped contrast preset: --preset {preset_names()[0]}."
             )
         if len(self.check_target) != len(self.check_reference):
             raise ValueError("Give one --check_reference per --check_target.")
-        if not self.output_dir:
+        if not self.output_dir and self.preset is None:
             raise ValueError("--output_dir is required: the directory the feature set is written to.")
 
 
@@ -175,7 +191,10 @@ def _contrast(args: FeaturesArguments, target: str, reference: str) -> Contrast:
 
 def read_features_inputs(args: FeaturesArguments, sae_args: GeoGuardSAEConfig) -> dict:
     """The contrasts' samples and the SAE, checked (`--k` against the SAE's width)."""
-    contrasts = [_contrast(args, t, r) for t, r in zip(args.target, args.reference, strict=True)]
+    if args.preset is not None:
+        contrasts = Preset.load(args.preset).load_contrasts(args.max_samples, args.seed)
+    else:
+        contrasts = [_contrast(args, t, r) for t, r in zip(args.target, args.reference, strict=True)]
     checks = [_contrast(args, t, r) for t, r in zip(args.check_target, args.check_reference, strict=True)]
     sae = load_sae(sae_args.geoguard_sae, sae_args.geoguard_sae_id)
     if args.k > sae.cfg.d_sae:
@@ -188,6 +207,13 @@ def run_features(
 ) -> FeatureSet:
     """`geoguard features`: select a feature set and write it with its card (`command` goes into its provenance)."""
     model, tokenizer = load_model(args.model)
+    provenance = {"model": args.model, "sae": sae_args.sae_name, "command": command}
+    if args.preset is None:
+        provenance |= {"target": args.target, "reference": args.reference}
+    else:
+        preset = Preset.load(args.preset)
+        provenance |= {"preset": preset.name, "preset_fingerprint": preset.fingerprint()}
+    output_dir = args.output_dir or preset_set_dir(preset, model_name_of(model), sae)
     feature_set = find_features(
         model,
         tokenizer,
@@ -206,22 +232,16 @@ def run_features(
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        provenance={
-            "model": args.model,
-            "sae": sae_args.geoguard_sae
-            if sae_args.geoguard_sae_id is None
-            else f"{sae_args.geoguard_sae}/{sae_args.geoguard_sae_id}",
-            "target": args.target,
-            "reference": args.reference,
-            "command": command,
-        },
+        provenance=provenance,
     )
-    feature_set.save(args.output_dir)
-    card = write_feature_set_card(feature_set, args.output_dir)
+    feature_set.save(output_dir)
+    card = write_feature_set_card(feature_set, output_dir)
     print(
         f"Feature set {feature_set.name!r}: {len(feature_set.feature_ids)} features, held-out AUROC "
-        f"{feature_set.summary['heldout_auroc']:.3f}; written to {args.output_dir} (card: {card})."
+        f"{feature_set.summary['heldout_auroc']:.3f}; written to {output_dir} (card: {card})."
     )
+    if not args.output_dir:
+        print(f"--geoguard_feature_set {args.preset} now uses this set for this model and SAE.")
     for warning in feature_set.summary["warnings"]:
         print(f"WARNING: {warning}")
     return feature_set
@@ -409,7 +429,7 @@ def read_score_inputs(args: ScoreArguments, sae_args: GeoGuardSAEConfig) -> dict
     sources = {"data": (args.data, *_load(args, args.data))}
     if getattr(args, "policy", None) == "reference_percentile":
         sources["reference"] = (args.reference, *_load(args, args.reference))
-    sae, feature_set = sae_args.load()
+    sae, feature_set = sae_args.load(model_name=args.model)
     tokenizer = load_tokenizer(args.model)  # the model itself loads after every check
     for source, _, samples, row_numbers in sources.values():
         _check_scoreable(args, source, samples, row_numbers, tokenizer)
@@ -511,7 +531,7 @@ def read_eval_inputs(args: EvalCommandArguments, sae_args: GeoGuardSAEConfig, ev
     if eval_args.geoguard_eval_questions:
         load_questions(eval_args.geoguard_eval_questions)
     if eval_args.geoguard_judge == "sae":
-        return {"evaluation": None, "sae_and_features": sae_args.load()}
+        return {"evaluation": None, "sae_and_features": sae_args.load(model_name=args.model)}
     return {"evaluation": get_evaluation(eval_args), "sae_and_features": None}
 
 
@@ -742,7 +762,7 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> object:
+def main(argv: list[str] | None = None) -> None:
     """Run a `geoguard` subcommand. Every command goes the same way: parse and check the settings, read and
     check the input data, and only then load a model. A bad setting or input ends the command with one line
     naming it and exit code 2; Ctrl-C ends it with one line saying what was kept, and exit code 130."""
@@ -761,7 +781,8 @@ def main(argv: list[str] | None = None) -> object:
         print(f"geoguard {name}: interrupted before any work; nothing was written.", file=sys.stderr)
         raise SystemExit(130) from None
     try:
-        return command.run(*settings, **inputs, command="geoguard " + shlex.join(argv))
+        # Nothing is returned: the console script passes a return value to sys.exit, which would print it and exit 1.
+        command.run(*settings, **inputs, command="geoguard " + shlex.join(argv))
     except KeyboardInterrupt:
         print(f"geoguard {name}: interrupted. {command.interrupted(*settings)}", file=sys.stderr)
         raise SystemExit(130) from None

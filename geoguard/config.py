@@ -40,6 +40,7 @@ from geoguard.judges import HFJudge, Judge, OpenAIJudge, SAEFeatureJudge
 from geoguard.learned_judge import EMBEDDED_JUDGE, LearnedJudge
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.monitor import PROBE_DRIFT_Z, DriftAlarm, DriftMonitorCallback
+from geoguard.presets import load_feature_set
 from geoguard.sae import EMBEDDED_SAE, load_sae
 from geoguard.scoring import ScoreSettings, ToxicScorer
 from geoguard.validation import Valid, above, at_least, between, check_fields
@@ -64,15 +65,35 @@ class GeoGuardSAEConfig:
     geoguard_feature_set: str = field(
         default=str(EMBEDDED_TOXIC_SET),
         metadata={
-            "help": "Directory of the feature set watched, scored against and judged with (made by `geoguard "
-            "features` on this SAE); default: the embedded SAE's toxic set."
+            "help": "The feature set watched, scored against and judged with: a directory made by `geoguard "
+            "features` on this SAE, or a contrast preset (toxic) selected on the model and SAE at first use and "
+            "cached; default: the embedded SAE's toxic set."
         },
     )
 
-    def load(self) -> tuple[SAE, FeatureSet]:
-        """The SAE and the feature set, checked to belong together."""
+    @property
+    def sae_name(self) -> str:
+        """The SAE as named: `release/sae_id`, a path, or `EMBEDDED_SAE`."""
+        return self.geoguard_sae if self.geoguard_sae_id is None else f"{self.geoguard_sae}/{self.geoguard_sae_id}"
+
+    def load(
+        self,
+        model: nn.Module | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        model_name: str | None = None,
+    ) -> tuple[SAE, FeatureSet]:
+        """The SAE and the feature set, checked to belong together. A preset's set is looked up for `model` (or
+        `model_name`) and built on `model` at first use (see `geoguard.presets.load_feature_set`)."""
         sae = load_sae(self.geoguard_sae, self.geoguard_sae_id)
-        return sae, FeatureSet.load(self.geoguard_feature_set, sae=sae)
+        feature_set = load_feature_set(
+            self.geoguard_feature_set,
+            sae,
+            model=model,
+            tokenizer=tokenizer,
+            model_name=model_name,
+            sae_name=self.sae_name,
+        )
+        return sae, feature_set
 
 
 @dataclass
@@ -308,7 +329,7 @@ def get_geoguard_callback(
         ```
     """
     if sae is None or feature_set is None:
-        sae, feature_set = guard_args.load()
+        sae, feature_set = guard_args.load(model, tokenizer)
     evaluation = None
     if eval_args is not None and eval_args.geoguard_eval:
         evaluation = get_evaluation(eval_args, model, tokenizer, sae, feature_set)

@@ -140,7 +140,14 @@ def load_model(
     )
     if gguf_file:
         _drop_gguf_quantizer(model)
+    model.config.name_or_path = model_id(name_or_path)  # what caches keyed by the model (preset sets) read
     return model.eval(), load_tokenizer(source, gguf_file=gguf_file)
+
+
+def model_id(name_or_path: str | Path) -> str:
+    """The name a model is known by: its Hub id or `EMBEDDED_MODEL` as given, a local path made absolute."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
 def load_tokenizer(

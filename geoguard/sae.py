@@ -1,15 +1,28 @@
 """Load SAEs through sae-lens and check that an SAE fits the model it will read.
 
 Two ways in, as in sae-lens: `SAE.from_pretrained(release, sae_id)` for published SAEs (Gemma
-Scope, Llama Scope, ...; needs the Hub) and `SAE.load_from_disk(path)` for local ones, including
-the SAE geoguard ships for its embedded model (`EMBEDDED_SAE`).
+Scope, Gemma Scope 2, Llama Scope, ...: from the Hub, or offline from the local Hugging Face cache with
+`HF_HUB_OFFLINE=1`) and `SAE.load_from_disk(path)` for local ones, including the SAE geoguard ships for its
+embedded model (`EMBEDDED_SAE`).
+
+One workaround: sae-lens reads the tensor shapes of Gemma Scope 2 SAEs with HTTP range requests to the Hub,
+even when the files are cached, so it fails offline. While geoguard loads a published SAE, those shapes are
+read from the file itself instead (`hf_hub_download` gives the cached copy, or downloads the file the loader
+downloads next anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from sae_lens import SAE
+from sae_lens.loading import pretrained_sae_loaders
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from safetensors import safe_open
 from torch import nn
 
 from geoguard.capture import HookPoint, resolve_hook_point, unwrap_model
@@ -46,7 +59,7 @@ def load_sae(release_or_path: str = EMBEDDED_SAE, sae_id: str | None = None, *, 
         ```
     """
     if sae_id is not None:
-        return SAE.from_pretrained(release_or_path, sae_id, device=device)
+        return _load_published_sae(release_or_path, sae_id, device)
     path = embedded_sae_dir() if release_or_path == EMBEDDED_SAE else Path(release_or_path)
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(
@@ -54,6 +67,49 @@ def load_sae(release_or_path: str = EMBEDDED_SAE, sae_id: str | None = None, *, 
             "or a published release together with its sae_id."
         )
     return SAE.load_from_disk(str(path), device=device)
+
+
+def _load_published_sae(release: str, sae_id: str, device: str) -> SAE:
+    releases = get_pretrained_saes_directory()
+    if release not in releases and "/" not in release:
+        raise ValueError(
+            f"Unknown SAE release {release!r}: not in sae-lens' registry of published SAEs. Use a release name "
+            "from sae-lens' pretrained_saes.yaml (e.g. gemma-scope-2b-pt-res-canonical, gemma-scope-2-270m-pt-res, "
+            "llama_scope_lxr_8x), a Hugging Face repo id, or a local SAE directory (without --geoguard_sae_id)."
+        )
+    if release in releases and sae_id not in releases[release].saes_map:
+        ids = list(releases[release].saes_map)
+        raise ValueError(
+            f"Unknown sae_id {sae_id!r} in release {release!r}, which has {len(ids)} SAEs, e.g. {ids[:5]}. "
+            f'List them with: python -c "from sae_lens.loading.pretrained_saes_directory import '
+            f"get_pretrained_saes_directory as d; print(list(d()['{release}'].saes_map))\""
+        )
+    try:
+        with _tensor_shapes_from_cached_file():
+            return SAE.from_pretrained(release, sae_id, device=device)
+    except LocalEntryNotFoundError as err:
+        repo = releases[release].repo_id if release in releases else release
+        raise FileNotFoundError(
+            f"The files of SAE {release}/{sae_id} are not in the local Hugging Face cache and the Hub cannot be "
+            f"reached (offline). Download them where the Hub can be reached, e.g. `hf download {repo}`, into the "
+            f"cache this machine uses ($HF_HOME), or pass a local SAE directory. ({err})"
+        ) from err
+
+
+def _safetensors_shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+    """sae-lens' `get_safetensors_tensor_shapes`, read from the (cached or downloaded) file instead of HTTP."""
+    with safe_open(hf_hub_download(repo_id, filename), framework="pt") as file:
+        return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}
+
+
+@contextlib.contextmanager
+def _tensor_shapes_from_cached_file() -> Iterator[None]:
+    original = pretrained_sae_loaders.get_safetensors_tensor_shapes
+    pretrained_sae_loaders.get_safetensors_tensor_shapes = _safetensors_shapes
+    try:
+        yield
+    finally:
+        pretrained_sae_loaders.get_safetensors_tensor_shapes = original
 
 
 def sae_hook_name(sae: SAE) -> str:

@@ -82,9 +82,7 @@ def main(args: BuildFeatureSetsArguments, model_args: ModelConfig, sae_args: Geo
         "seed": args.seed,
         "provenance": {
             "model": model_name,
-            "sae": sae_args.geoguard_sae
-            if sae_args.geoguard_sae_id is None
-            else f"{sae_args.geoguard_sae}/{sae_args.geoguard_sae_id}",
+            "sae": sae_args.sae_name,
             "command": "python recipes/build_feature_sets.py " + shlex.join(sys.argv[1:]),
         },
     }

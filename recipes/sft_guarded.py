@@ -20,11 +20,12 @@ the `direct` score, cached) are dropped before training and listed in `<output_d
 
 The data come through TRL's `ScriptArguments`: `--dataset_name` is a Hub data set or a local file or folder
 (`.jsonl`, `.json`, `.csv`, `.parquet`, a `save_to_disk` folder), with `--dataset_config` and
-`--dataset_train_split`. Any Hub model, SAE and data work the same way, e.g.:
+`--dataset_train_split`. Any Hub model, SAE and data work the same way; `--geoguard_feature_set toxic` selects
+the toxic feature set on that model and SAE from the contrasts shipped with geoguard on first use (cached), e.g.:
 
     accelerate launch recipes/sft_guarded.py --config recipes/configs/sft_guarded_smollm2.yaml \
         --model_name_or_path google/gemma-2-2b --geoguard_sae gemma-scope-2b-pt-res-canonical \
-        --geoguard_sae_id layer_12/width_16k/canonical --geoguard_feature_set my_toxic_set/ \
+        --geoguard_sae_id layer_12/width_16k/canonical --geoguard_feature_set toxic \
         --dataset_name my_data.jsonl
 """
 

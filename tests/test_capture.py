@@ -110,7 +110,7 @@ def test_padded_batches_give_the_same_activations_as_single_samples():
 @pytest.mark.parametrize(
     "hook_name, message",
     [
-        ("blocks.9.hook_resid_post", "does not name a module"),
+        ("blocks.9.hook_resid_post", "asks for layer 9, but the model has 4 layers"),
         ("model.norm", "not inside a decoder layer"),
         ("nope", "does not name"),
     ],
