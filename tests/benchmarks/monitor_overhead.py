@@ -2,6 +2,10 @@
 
     python tests/benchmarks/monitor_overhead.py --output_json outputs/bench_monitor_overhead.json
 
+The Trainer picks the device (a GPU when there is one); `--device cpu` or `--device cuda` pins it, and
+`--bf16` trains in bf16 mixed precision as on a GPU. On CUDA the step clock waits for the GPU
+(`torch.cuda.synchronize`) and the callback's own time is host time (its readout does not wait for the GPU).
+
 LoRA SFT of the embedded model on the shipped demo mix (batch 8, max_length 256, the recipe's
 settings), `--steps` optimizer steps per run, runs without and with the callback alternating in one
 process (`--rounds` pairs; the data order is the same in every run). A step's time is the interval
@@ -10,7 +14,8 @@ every step, the probe every `every_n_steps`) is inside it; the first step (warm-
 Because step times on a shared CPU vary by a few percent, the callback's own time (its step-end work
 and the batch readout inside each forward pass) is also timed directly, as a share of the step.
 Peak memory is measured per variant in a fresh process: peak RSS (VmHWM, reset after loading) above
-the RSS at that point.
+the RSS at that point (on CUDA also the peak of allocated GPU memory above what was allocated then);
+these runs take min(11, `--steps`) steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from geoguard import monitor
@@ -51,6 +57,8 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter())
 
 
@@ -61,7 +69,9 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only).")
 
 
-def train(guarded: bool, steps: int, output_dir: str, memory: bool = False) -> dict:
+def train(
+    guarded: bool, steps: int, output_dir: str, memory: bool = False, device: str = "auto", bf16: bool = False
+) -> dict:
     from datasets import load_dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -76,7 +86,8 @@ def train(guarded: bool, steps: int, output_dir: str, memory: bool = False) -> d
         per_device_train_batch_size=8,
         learning_rate=2e-4,
         max_length=256,
-        bf16=False,
+        bf16=bf16,
+        use_cpu=device == "cpu",
         gradient_checkpointing=False,
         logging_steps=1,
         report_to=[],
@@ -104,12 +115,18 @@ def train(guarded: bool, steps: int, output_dir: str, memory: bool = False) -> d
     if memory:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak to now: loading does not count
     base = _status_mb("VmRSS")
+    on_cuda = trainer.args.device.type == "cuda"
+    if memory and on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     trainer.train()
     result = {"train_s": time.perf_counter() - start, "step_s": float(np.mean(np.diff(timer.times)))}
     result["callback_s_per_step"] = own["s"] / len(timer.times)
     if memory:
         result["peak_rss_above_base_mb"] = _status_mb("VmHWM") - base
+        if on_cuda:
+            result["peak_cuda_above_base_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     return result
 
 
@@ -119,25 +136,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output_dir", default="outputs/bench_monitor")
     parser.add_argument("--output_json", default="outputs/bench_monitor_overhead.json")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the Trainer's choice (a GPU if any)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (needs a GPU or a bf16 CPU)")
     parser.add_argument("--memory_of", choices=["plain", "guarded"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu or auto.")
     if args.memory_of is not None:
-        print(json.dumps(train(args.memory_of == "guarded", args.steps, args.output_dir, memory=True)))
+        result = train(args.memory_of == "guarded", args.steps, args.output_dir, True, args.device, args.bf16)
+        print(json.dumps(result))
         return
 
     rounds = []
     for _ in range(args.rounds):
-        plain = train(False, args.steps, args.output_dir)
-        guarded = train(True, args.steps, args.output_dir)
+        plain = train(False, args.steps, args.output_dir, device=args.device, bf16=args.bf16)
+        guarded = train(True, args.steps, args.output_dir, device=args.device, bf16=args.bf16)
         rounds.append({"plain_step_s": plain["step_s"], "guarded_step_s": guarded["step_s"]})
         rounds[-1]["callback_s_per_step"] = guarded["callback_s_per_step"]
         rounds[-1]["overhead"] = guarded["step_s"] / plain["step_s"] - 1
         print(json.dumps(rounds[-1]), flush=True)
-    memory = {}
+    memory, cuda_memory = {}, {}
     for variant in ("plain", "guarded"):
-        cmd = [sys.executable, __file__, "--memory_of", variant, "--steps", "11", "--output_dir", args.output_dir]
+        cmd = [sys.executable, __file__, "--memory_of", variant, "--steps", str(min(11, args.steps))]
+        cmd += ["--output_dir", args.output_dir, "--device", args.device] + (["--bf16"] if args.bf16 else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        memory[variant] = json.loads(out.strip().splitlines()[-1])["peak_rss_above_base_mb"]
+        measured = json.loads(out.strip().splitlines()[-1])
+        memory[variant] = measured["peak_rss_above_base_mb"]
+        if "peak_cuda_above_base_mb" in measured:
+            cuda_memory[variant] = measured["peak_cuda_above_base_mb"]
 
     plain_s = float(np.median([r["plain_step_s"] for r in rounds]))
     guarded_s = float(np.median([r["guarded_step_s"] for r in rounds]))
@@ -155,8 +183,15 @@ def main() -> None:
         f"\nPeak RSS above base: without {memory['plain']:.0f} MB, with {memory['guarded']:.0f} MB "
         f"(the callback adds {memory['guarded'] - memory['plain']:+.0f} MB)"
     )
+    result = {"rounds": rounds, "memory_mb": memory}
+    if cuda_memory:
+        print(
+            f"Peak CUDA memory above base: without {cuda_memory['plain']:.0f} MB, with {cuda_memory['guarded']:.0f} MB "
+            f"on {torch.cuda.get_device_name()}"
+        )
+        result |= {"cuda_memory_mb": cuda_memory, "device_name": torch.cuda.get_device_name(), "bf16": args.bf16}
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps({"rounds": rounds, "memory_mb": memory}, indent=2))
+    Path(args.output_json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

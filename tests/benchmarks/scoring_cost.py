@@ -2,6 +2,9 @@
 
     python tests/benchmarks/scoring_cost.py --data_dir ../shared/data --output_json outputs/bench_scoring_cost.json
 
+With `--device cuda` the model and the SAE run on the GPU (fp32, as on CPU); timings then wait for the GPU
+(`torch.cuda.synchronize`) before the clock is read.
+
 On the embedded model, a 50/50 mix of jailbroken and Alpaca chats is run, in one process and in
 alternating rounds (the machines are noisy; each kind keeps its fastest round):
 
@@ -11,7 +14,8 @@ alternating rounds (the machines are noisy; each kind keeps its fastest round):
 - a second `score_dataset` call with the cache on (a cache hit).
 
 Ratios are times over the full forward pass. Peak memory is measured per kind in a fresh process: the
-peak RSS (VmHWM, reset after loading the model and the SAE) above the RSS at that moment.
+peak RSS (VmHWM, reset after loading the model and the SAE) above the RSS at that moment, and on CUDA also
+the peak of allocated GPU memory above what the model and the SAE hold.
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def setup(data_dir: str | None, n: int, batch_size: int):
+def _synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a clock read after it counts that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(data_dir: str | None, n: int, batch_size: int, device: str = "cpu"):
     from geoguard.corpora import data_root, load_alpaca, load_chats
     from geoguard.data import tokenize_samples
     from geoguard.features import FeatureSet
@@ -54,8 +64,8 @@ def setup(data_dir: str | None, n: int, batch_size: int):
     rng = random.Random(0)
     samples = rng.sample(load_chats(root / "emergent_misalignment" / "jailbroken.jsonl"), n)
     samples += rng.sample(load_alpaca(root / "benign" / "alpaca_en_demo.json"), n)
-    model, tokenizer = load_model()
-    sae = load_sae()
+    model, tokenizer = load_model(device=device)
+    sae = load_sae(device=device)
     tokenized = tokenize_samples(tokenizer, samples)
     return model, tokenizer, sae, FeatureSet.load(sae=sae), samples, tokenized
 
@@ -68,17 +78,20 @@ def run_kind(kind: str, parts, batch_size: int, cache=None) -> float:
     from geoguard.scoring import ScoreSettings, ToxicScorer, score_dataset
 
     model, tokenizer, sae, toxic, samples, tokenized = parts
+    _synchronize(model.device)
     start = time.perf_counter()
     if kind == "full forward":
         with torch.no_grad():
             for batch in iter_token_batches(tokenized, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id):
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                ids, mask = batch.input_ids.to(model.device), batch.attention_mask.to(model.device)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
     elif kind == "early-exit forward":
         for _ in iter_activations(model, tokenizer, tokenized, sae_hook_name(sae), batch_size=batch_size):
             pass
     else:
         scorer = ToxicScorer(model, tokenizer, sae, toxic, ScoreSettings(method=kind), batch_size=batch_size)
         score_dataset(scorer, samples, cache=cache, progress=False)
+    _synchronize(model.device)
     return time.perf_counter() - start
 
 
@@ -89,15 +102,25 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output_json", default="outputs/bench_scoring_cost.json")
+    parser.add_argument("--device", default="cpu", help="where the model and the SAE run: cpu, cuda, cuda:1, ...")
     parser.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu.")
 
-    parts = setup(args.data_dir, args.n, args.batch_size)
+    parts = setup(args.data_dir, args.n, args.batch_size, args.device)
     if args.memory_of is not None:
         _reset_peak_rss()
         base = _status_mb("VmRSS")
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(args.device)
+            cuda_base = torch.cuda.memory_allocated(args.device)
         run_kind(args.memory_of, parts, args.batch_size)
-        print(json.dumps({"peak_rss_above_base_mb": _status_mb("VmHWM") - base}))
+        memory = {"peak_rss_above_base_mb": _status_mb("VmHWM") - base}
+        if on_cuda:
+            memory["peak_cuda_above_base_mb"] = (torch.cuda.max_memory_allocated(args.device) - cuda_base) / 2**20
+        print(json.dumps(memory))
         return
 
     n_tokens = sum(len(t.input_ids) for t in parts[5])
@@ -112,7 +135,7 @@ def main() -> None:
 
     rows = []
     for kind, seconds in best.items():
-        memory = None
+        memory = cuda_memory = None
         if kind in KINDS:
             cmd = [
                 sys.executable,
@@ -123,10 +146,13 @@ def main() -> None:
                 str(args.n),
                 "--batch_size",
                 str(args.batch_size),
+                "--device",
+                args.device,
             ]
             cmd += ["--data_dir", args.data_dir] if args.data_dir else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            memory = json.loads(out.strip().splitlines()[-1])["peak_rss_above_base_mb"]
+            measured = json.loads(out.strip().splitlines()[-1])
+            memory, cuda_memory = measured["peak_rss_above_base_mb"], measured.get("peak_cuda_above_base_mb")
         rows.append(
             {
                 "kind": kind,
@@ -136,15 +162,27 @@ def main() -> None:
                 "peak_rss_above_base_mb": memory,
             }
         )
-    print(f"{2 * args.n} samples, {n_tokens} tokens, batch size {args.batch_size}, best of {args.rounds} rounds\n")
-    print("| kind | seconds | tokens/s | time / full forward | peak RSS above base (MB) |\n|---|---|---|---|---|")
+        if on_cuda:
+            rows[-1]["peak_cuda_above_base_mb"] = cuda_memory
+    on = f", on {torch.cuda.get_device_name(args.device)}" if on_cuda else ""
+    print(f"{2 * args.n} samples, {n_tokens} tokens, batch size {args.batch_size}, best of {args.rounds} rounds{on}\n")
+    cuda_column = (" peak CUDA above base (MB) |", "---|") if on_cuda else ("", "")
+    print(f"| kind | seconds | tokens/s | time / full forward | peak RSS above base (MB) |{cuda_column[0]}")
+    print(f"|---|---|---|---|---|{cuda_column[1]}")
     for r in rows:
         memory = "" if r["peak_rss_above_base_mb"] is None else f"{r['peak_rss_above_base_mb']:.0f}"
-        print(
+        line = (
             f"| {r['kind']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['over_full_forward']:.3f} | {memory} |"
         )
+        if on_cuda:
+            line += "" if r["peak_cuda_above_base_mb"] is None else f" {r['peak_cuda_above_base_mb']:.0f}"
+            line += " |"
+        print(line)
+    result = {"n_tokens": n_tokens, "times": times, "rows": rows}
+    if on_cuda:
+        result |= {"device": args.device, "device_name": torch.cuda.get_device_name(args.device)}
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps({"n_tokens": n_tokens, "times": times, "rows": rows}, indent=2))
+    Path(args.output_json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
