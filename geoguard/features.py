@@ -119,6 +119,10 @@ class FeatureSet:
         decoder: `(k, d_in)` unit-norm decoder directions of the features.
         density: `(d_sae,)` share of tokens on which each SAE feature fired in the selection data
             (used to draw frequency-matched random feature sets in `geoguard.geometry`).
+        weights: per feature, the weight of a sparse (L1) logistic readout of its pooled activation, fitted on
+            the selection split (`None`: the set scores by the mean of its features); zero for features the
+            readout does not use. Scores and drift use them when present.
+        bias: the readout's intercept: `pooled @ weights + bias` is its logit.
     """
 
     name: str
@@ -130,8 +134,17 @@ class FeatureSet:
     summary: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     labels: list[dict] = field(default_factory=list)
+    weights: list[float] | None = None
+    bias: float = 0.0
     decoder: torch.Tensor | None = None
     density: torch.Tensor | None = None
+
+    def score_weights(self) -> torch.Tensor:
+        """`(k,)` weights that turn the features' pooled activations into the set's score: the sparse readout's
+        weights when the set has them, else `1/k` each (the top-k mean)."""
+        if self.weights is not None:
+            return torch.tensor(self.weights, dtype=torch.float32)
+        return torch.full((len(self.feature_ids),), 1 / len(self.feature_ids))
 
     def save(self, path: str | Path) -> None:
         """Write `feature_set.json` and `decoder.safetensors` (decoder directions, density) into directory `path`."""
@@ -427,13 +440,21 @@ class _TopExamples:
         return out
 
 
-def _contrast_row(name: str, role: str, target, reference, *, n_permutations: int, seed: int) -> dict:
-    """Held-out separation of one contrast by the set's score (mean pooled activation of its features) and by length."""
+def _contrast_row(
+    name: str, role: str, target, reference, *, n_permutations: int, seed: int, readout: _Readout | None = None
+) -> dict:
+    """Held-out separation of one contrast by the set's score (mean pooled activation of its features), by the
+    weighted readout when there is one, and by length."""
     (t_acts, t_len), (r_acts, r_len) = target, reference
+    scores = [(t_acts.mean(1, keepdims=True), r_acts.mean(1, keepdims=True))]
+    if readout is not None:
+        scores.append((readout.logits(t_acts), readout.logits(r_acts)))
     set_auroc, set_p = permutation_auroc(
-        [(t_acts.mean(1, keepdims=True), r_acts.mean(1, keepdims=True))], n_permutations=n_permutations, seed=seed
+        [(np.hstack([t for t, _ in scores]), np.hstack([r for _, r in scores]))],
+        n_permutations=n_permutations,
+        seed=seed,
     )
-    return {
+    row = {
         "name": name,
         "role": role,
         "n_target": len(t_acts),
@@ -442,6 +463,9 @@ def _contrast_row(name: str, role: str, target, reference, *, n_permutations: in
         "p_value": float(set_p[0]),
         "length_auroc": float(auroc(t_len, r_len)),
     }
+    if readout is not None:
+        row |= {"weighted_heldout_auroc": float(set_auroc[1]), "weighted_p_value": float(set_p[1])}
+    return row
 
 
 def _contrast_warnings(row: dict, flag_below: float) -> list[str]:
@@ -509,6 +533,7 @@ def find_features(
     match_lengths: bool = False,
     check_contrasts: Sequence[Contrast] = (),
     flag_below: float = 0.6,
+    weighted: bool = True,
     n_permutations: int = 1000,
     n_examples: int = 5,
     batch_size: int = 16,
@@ -540,6 +565,9 @@ def find_features(
         check_contrasts (list of `Contrast`, defaults to none): contrasts used only to measure the set's
             separation (e.g. another data source), never for selection.
         flag_below (`float`, defaults to 0.6): warn when the set's held-out AUROC on a contrast is below this.
+        weighted (`bool`, defaults to `True`): also fit a sparse (L1) logistic readout of the `k` features' pooled
+            activations on the selection rows (cross-validated strength; one more pass over those rows) and
+            measure it on the held-out rows; the set then carries `weights` and `bias`.
         n_permutations (`int`, defaults to 1000): label permutations for the held-out p-values.
         n_examples (`int`, defaults to 5): top-activating held-out snippets kept per feature.
         batch_size (`int`, defaults to 16), max_length (`int`, defaults to 512): batching and truncation.
@@ -582,7 +610,7 @@ def find_features(
         max_length=max_length,
         rng=random.Random(seed),
     )
-    total = sum(len(g.select) + len(g.heldout) for g in groups)
+    total = sum(len(g.select) * (1 + weighted) + len(g.heldout) for g in groups)
     with tqdm(total=total, desc=f"features {name}", unit="sample", disable=not progress) as bar:
         reader = _GroupReader(
             model, tokenizer, sae, bar, hook_name=hook_name, span=span, batch_size=batch_size, sink_rule=sink_rule
@@ -598,6 +626,7 @@ def find_features(
             max_sample_firing=max_sample_firing,
         )
         heldout, top = _heldout_pass(groups, selection.ids, reader, pooling=pooling, span=span, n_examples=n_examples)
+        readout = _fit_readout(groups, selection.ids, reader, pooling=pooling, seed=seed) if weighted else None
     stats, summary = _summarize(
         name,
         contrasts,
@@ -607,6 +636,7 @@ def find_features(
         n_permutations=n_permutations,
         seed=seed,
         flag_below=flag_below,
+        readout=readout,
     )
     for contrast, sides in truncated.items():
         counts = " and ".join(f"{n} {side}" for side, n in sides.items())
@@ -644,12 +674,15 @@ def find_features(
             "k": k,
             "heldout_fraction": heldout_fraction,
             "max_sample_firing": max_sample_firing,
+            "weighted": weighted,
             "n_permutations": n_permutations,
             "seed": seed,
             "sink_rule": asdict(sink_rule) if sink_rule is not None else None,
             **(provenance or {}),
         },
         labels=labels,
+        weights=readout.weights.tolist() if readout else None,
+        bias=readout.bias if readout else 0.0,
         decoder=decoder / decoder.norm(dim=1, keepdim=True),
         density=selection.density,
     )
@@ -790,6 +823,7 @@ def _summarize(
     n_permutations: int,
     seed: int,
     flag_below: float,
+    readout: _Readout | None = None,
 ) -> tuple[dict[str, list[float]], dict]:
     """Per-feature `stats` and the set's `summary`: held-out tests per feature and per contrast, and warnings."""
     ids = selection.ids
@@ -807,6 +841,7 @@ def _summarize(
                 heldout[(contrast.name, "reference")],
                 n_permutations=n_permutations,
                 seed=seed,
+                readout=readout,
             )
             rows.append(row)
             warnings += _contrast_warnings(row, flag_below)
@@ -833,4 +868,58 @@ def _summarize(
         "selection_tokens": selection.n_tokens,
         "warnings": warnings,
     }
+    if readout is not None:
+        stats["weight"] = readout.weights.tolist()
+        summary["weighted"] = {
+            "heldout_auroc": float(np.mean([r["weighted_heldout_auroc"] for r in rows if r["role"] == "selection"])),
+            "n_nonzero": int((readout.weights != 0).sum()),
+            "C": readout.C,
+        }
     return stats, summary
+
+
+class _Readout(NamedTuple):
+    """A sparse logistic readout of pooled feature activations, in their raw units."""
+
+    weights: np.ndarray  # (k,)
+    bias: float
+    C: float  # the inverse regularization strength chosen by cross-validation
+
+    def logits(self, acts: np.ndarray) -> np.ndarray:
+        """`(n, 1)` readout logits of pooled activations `(n, k)`."""
+        return (acts @ self.weights + self.bias)[:, None]
+
+
+def fit_sparse_readout(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, float, float]:
+    """Fit an L1 logistic regression of labels `y` on pooled activations `x` `(n, k)` (scikit-learn).
+
+    Features are standardized for the fit and the strength is chosen by 5-fold cross-validated AUROC; the weights
+    and intercept are returned in the raw units of `x`, with the chosen inverse strength `C`.
+    """
+    from sklearn.linear_model import LogisticRegressionCV
+
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    model = LogisticRegressionCV(
+        Cs=np.logspace(-2, 1, 8).tolist(),
+        l1_ratios=(1,),  # pure L1
+        solver="liblinear",
+        cv=5,
+        scoring="roc_auc",
+        random_state=seed,
+        use_legacy_attributes=False,
+    ).fit((x - mean) / std, y)
+    coef = model.coef_[0]
+    return coef / std, float(model.intercept_[0] - (coef * mean / std).sum()), float(model.C_)
+
+
+def _fit_readout(groups: list[_Group], ids: list[int], reader: _GroupReader, *, pooling: Pooling, seed: int):
+    """Read the selection rows for the selected features and fit the sparse readout on them."""
+    x, y = [], []
+    for group in (g for g in groups if g.role == "selection"):
+        acts = np.zeros((len(group.select), len(ids)), dtype=np.float32)
+        for feature_acts, keep, indices in reader(group, group.select):
+            acts[indices] = pool_rows(feature_acts[:, ids], keep, pooling).numpy()
+        x.append(acts)
+        y.append(np.full(len(acts), int(group.side == "target")))
+    weights, bias, strength = fit_sparse_readout(np.vstack(x), np.concatenate(y), seed=seed)
+    return _Readout(weights.astype(np.float32), bias, strength)

@@ -47,17 +47,27 @@ def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: i
         f"- **Held-out AUROC of the set** (mean pooled activation of its features, mean over selection contrasts): "
         f"**{s['heldout_auroc']:.3f}**; {s['n_significant']} of {len(feature_set.feature_ids)} features separate "
         f"held-out data on their own (permutation test, BH q < 0.05)",
-        "",
-        "## Held-out separation per contrast",
-        "",
-        "| contrast | role | target | reference | set AUROC | p | AUROC of length alone |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for c in s["contrasts"]:
+    weighted = s.get("weighted")
+    if weighted:
         lines.append(
-            f"| {escape_markdown(c['name'])} | {c['role']} | {c['n_target']} | {c['n_reference']} | "
-            f"{c['heldout_auroc']:.3f} | {c['p_value']:.3g} | {c['length_auroc']:.3f} |"
+            f"- **Held-out AUROC of the weighted readout** (sparse L1 logistic readout of the same features, fitted "
+            f"on the selection rows; what scores and drift use): **{weighted['heldout_auroc']:.3f}**; "
+            f"{weighted['n_nonzero']} of {len(feature_set.feature_ids)} weights non-zero (C = {weighted['C']:.3g})"
         )
+    columns = ["contrast", "role", "target", "reference", "set AUROC (top-k mean)", "p"]
+    columns += ["weighted AUROC", "p"] if weighted else []
+    columns += ["AUROC of length alone"]
+    lines += ["", "## Held-out separation per contrast", "", "| " + " | ".join(columns) + " |"]
+    lines.append("|---" * len(columns) + "|")
+    for c in s["contrasts"]:
+        row = (
+            f"| {escape_markdown(c['name'])} | {c['role']} | {c['n_target']} | {c['n_reference']} | "
+            f"{c['heldout_auroc']:.3f} | {c['p_value']:.3g} |"
+        )
+        if weighted:
+            row += f" {c['weighted_heldout_auroc']:.3f} | {c['weighted_p_value']:.3g} |"
+        lines.append(row + f" {c['length_auroc']:.3f} |")
     lines += ["", "## Warnings", ""]
     lines += [f"- {escape_markdown(w)}" for w in s["warnings"]] or ["None."]
     lines += [
@@ -67,10 +77,11 @@ def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: i
         "Logit-lens tokens: the decoder direction read through the final norm and the unembedding. "
         "Example: the held-out snippet where the feature fires most, the token in «».",
         "",
-        "| rank | feature | held-out AUROC | q | logit-lens tokens | top example (contrast, side, activation) |",
-        "|---|---|---|---|---|---|",
+        "| rank | feature | held-out AUROC | q | weight | logit-lens tokens | top example (contrast, side, activation) |",
+        "|---|---|---|---|---|---|---|",
     ]
     st = feature_set.stats
+    weights = feature_set.weights or [float("nan")] * len(feature_set.feature_ids)
     for rank, fid in enumerate(feature_set.feature_ids[:show]):
         label = feature_set.labels[rank] if rank < len(feature_set.labels) else {"top_tokens": [], "examples": []}
         example = label["examples"][0] if label["examples"] else None
@@ -82,7 +93,7 @@ def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: i
         )
         lines.append(
             f"| {rank + 1} | {fid} | {st['heldout_auroc'][rank]:.3f} | {st['q_value'][rank]:.3g} | "
-            f"{_tokens(label['top_tokens'])} | {shown} |"
+            f"{weights[rank]:.3g} | {_tokens(label['top_tokens'])} | {shown} |"
         )
     if "command" in p:
         lines += ["", f"Reproduce: {escape_markdown(p['command'])}"]
