@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 
 # Tests also need pytest, ruff and llama-cpp-python's server (a real OpenAI-compatible judge endpoint;
 # its first install compiles llama.cpp for about 10 minutes, later installs reuse pip's wheel cache).
+# A portable build (GGML_NATIVE=OFF): a native one (0.3.36) crashed with a general protection fault in
+# libggml-cpu at the first completion on a CPU with AMX; the portable one runs everywhere.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $(CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 demo: setup

@@ -3,6 +3,7 @@
     geoguard features --preset toxic --model google/gemma-2-2b --geoguard_sae gemma-scope-2b-pt-res-canonical \
         --geoguard_sae_id layer_12/width_16k/canonical
     geoguard features --target toxic.jsonl --reference benign.jsonl --name toxic --output_dir sets/toxic
+    geoguard features --preset toxic --kind directions --output_dir sets/toxic-direction
     geoguard geometry --geoguard_feature_set sets/toxic --sets sets/inducing sets/control --output_dir reports/geometry
     geoguard score --data train.jsonl --output scored.jsonl
     geoguard filter --data train.jsonl --output kept.jsonl --policy top_fraction --fraction 0.5
@@ -30,9 +31,11 @@ from datasets import Dataset
 from scipy.stats import spearmanr
 from trl import TrlParser
 
+from geoguard.capture import resolve_hook_point
 from geoguard.config import GeoGuardEvalConfig, GeoGuardSAEConfig, get_evaluation
 from geoguard.corpora import load_rows, load_samples, rows_to_samples, subset_indices
 from geoguard.data import Span, tokenize_samples
+from geoguard.directions import DirectionMethod, direction_composition, find_directions
 from geoguard.distributed import process_state
 from geoguard.evaluation import EvalResult, load_questions, write_evaluation
 from geoguard.features import Contrast, FeatureSet, Pooling, RankBy, find_features
@@ -48,7 +51,7 @@ from geoguard.judges import JudgeRequest
 from geoguard.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from geoguard.presets import Preset, model_name_of, preset_names, preset_set_dir
 from geoguard.report import agreement_sentence, write_feature_set_card, write_geometry_report
-from geoguard.sae import load_sae
+from geoguard.sae import load_sae, sae_hook_name
 from geoguard.scoring import (
     NEAREST_COLUMN,
     SCORE_COLUMN,
@@ -89,6 +92,23 @@ class FeaturesArguments(ModelArguments):
             "help": "A contrast preset shipped with geoguard (toxic) instead of --target/--reference; without "
             "--output_dir the set goes where `--geoguard_feature_set toxic` finds it for this model and SAE."
         },
+    )
+    kind: Literal["sae_features", "directions"] = field(
+        default="sae_features",
+        metadata={
+            "help": "sae_features: the top --k SAE features (with a sparse weighted readout); directions: one "
+            "residual-space direction at --hook_name (see --direction_method), read without an SAE."
+        },
+    )
+    direction_method: DirectionMethod = field(
+        default="probe",
+        metadata={
+            "help": "directions: probe (logistic regression) or mean_diff (difference of means); both are measured."
+        },
+    )
+    hook_name: str | None = field(
+        default=None,
+        metadata={"help": "directions: the hook point read (default: the SAE's, e.g. blocks.11.hook_resid_post)."},
     )
     target: list[str] = field(
         default_factory=list,
@@ -147,7 +167,7 @@ class FeaturesArguments(ModelArguments):
             )
         if len(self.check_target) != len(self.check_reference):
             raise ValueError("Give one --check_reference per --check_target.")
-        if not self.output_dir and self.preset is None:
+        if not self.output_dir and (self.preset is None or self.kind == "directions"):
             raise ValueError("--output_dir is required: the directory the feature set is written to.")
 
 
@@ -214,32 +234,54 @@ def run_features(
         preset = Preset.load(args.preset)
         provenance |= {"preset": preset.name, "preset_fingerprint": preset.fingerprint()}
     output_dir = args.output_dir or preset_set_dir(preset, model_name_of(model), sae)
-    feature_set = find_features(
-        model,
-        tokenizer,
-        sae,
-        contrasts,
-        name=args.name,
-        k=args.k,
-        span=args.span,
-        pooling=args.pooling,
-        rank_by=args.rank_by,
-        heldout_fraction=args.heldout_fraction,
-        max_sample_firing=args.max_sample_firing,
-        match_lengths=args.match_lengths,
-        check_contrasts=checks,
-        n_permutations=args.n_permutations,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        provenance=provenance,
-    )
+    common = {
+        "span": args.span,
+        "heldout_fraction": args.heldout_fraction,
+        "match_lengths": args.match_lengths,
+        "check_contrasts": checks,
+        "n_permutations": args.n_permutations,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "provenance": provenance,
+    }
+    if args.kind == "directions":
+        hook_name = args.hook_name or sae_hook_name(sae)
+        feature_set = find_directions(
+            model, tokenizer, contrasts, name=args.name, hook_name=hook_name, method=args.direction_method, **common
+        )
+        if resolve_hook_point(model, hook_name) == resolve_hook_point(model, sae_hook_name(sae)):
+            feature_set.summary["composition"] = direction_composition(
+                feature_set, sae, model=model, tokenizer=tokenizer
+            )
+            feature_set.summary["composition_sae"] = sae_args.sae_name
+    else:
+        feature_set = find_features(
+            model,
+            tokenizer,
+            sae,
+            contrasts,
+            name=args.name,
+            k=args.k,
+            pooling=args.pooling,
+            rank_by=args.rank_by,
+            max_sample_firing=args.max_sample_firing,
+            **common,
+        )
     feature_set.save(output_dir)
     card = write_feature_set_card(feature_set, output_dir)
-    print(
-        f"Feature set {feature_set.name!r}: {len(feature_set.feature_ids)} features, held-out AUROC "
-        f"{feature_set.summary['heldout_auroc']:.3f}; written to {output_dir} (card: {card})."
-    )
+    summary = feature_set.summary
+    if feature_set.is_directions:
+        measured = ", ".join(f"{method} {value:.3f}" for method, value in summary["methods"].items())
+        print(f"Direction set {feature_set.name!r}: held-out AUROC {measured} ({args.direction_method} kept)", end="")
+    else:
+        weighted = f", weighted readout {summary['weighted']['heldout_auroc']:.3f}" if "weighted" in summary else ""
+        print(
+            f"Feature set {feature_set.name!r}: {len(feature_set.feature_ids)} features, held-out AUROC "
+            f"{summary['heldout_auroc']:.3f} (top-k mean){weighted}",
+            end="",
+        )
+    print(f"; written to {output_dir} (card: {card}).")
     if not args.output_dir:
         print(f"--geoguard_feature_set {args.preset} now uses this set for this model and SAE.")
     for warning in feature_set.summary["warnings"]:

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from geoguard.capture import SinkRule, final_norm, iter_activations, unwrap_model
+from geoguard.capture import SinkRule, final_norm, iter_activations, resolve_hook_point, unwrap_model
 from geoguard.data import RESOURCES, Sample, Span, TokenizedSample, tokenize_samples
 from geoguard.sae import check_sae_fits, sae_hook_name
 from geoguard.stats import (
@@ -97,6 +97,20 @@ class Contrast:
     reference: list[Sample]
 
 
+def model_signature(model: nn.Module) -> dict:
+    """What fixes a model's residual basis, for direction sets: its type, width, depth and vocabulary size.
+
+    Fine-tuning (LoRA or full) keeps the signature, so a set built on the base model reads the trained one.
+    """
+    config = unwrap_model(model).config.get_text_config()
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+    }
+
+
 def sae_fingerprint(sae: SAE) -> str:
     """A short hash of the SAE's decoder: identifies the SAE a feature set belongs to."""
     return hashlib.sha256(sae.W_dec.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
@@ -123,6 +137,12 @@ class FeatureSet:
             the selection split (`None`: the set scores by the mean of its features); zero for features the
             readout does not use. Scores and drift use them when present.
         bias: the readout's intercept: `pooled @ weights + bias` is its logit.
+        kind: `"sae_features"`, or `"directions"` for a *direction set*: `decoder` then holds unit residual-space
+            directions `(m, d_in)` (made by `geoguard.directions.find_directions`), `feature_ids` numbers them
+            `0..m-1`, `d_sae` is 0 and `sae_fingerprint` empty.
+        offsets: a direction set's per-direction offset: a token's value is its projection minus the offset,
+            positive on the target side.
+        model_signature: a direction set's model (`model_signature(model)`): it reads only that model.
     """
 
     name: str
@@ -136,8 +156,16 @@ class FeatureSet:
     labels: list[dict] = field(default_factory=list)
     weights: list[float] | None = None
     bias: float = 0.0
+    kind: Literal["sae_features", "directions"] = "sae_features"
+    offsets: list[float] | None = None
+    model_signature: dict | None = None
     decoder: torch.Tensor | None = None
     density: torch.Tensor | None = None
+
+    @property
+    def is_directions(self) -> bool:
+        """Whether the set holds residual-space directions (read without an SAE) rather than SAE features."""
+        return self.kind == "directions"
 
     def score_weights(self) -> torch.Tensor:
         """`(k,)` weights that turn the features' pooled activations into the set's score: the sparse readout's
@@ -164,7 +192,7 @@ class FeatureSet:
 
         Raises:
             FileNotFoundError: when `path` holds no `feature_set.json`.
-            ValueError: when the set was selected on another SAE (width or decoder differ).
+            ValueError: when the SAE feature set was selected on another SAE (width or decoder differ).
         """
         path = Path(path)
         if not (path / "feature_set.json").is_file():
@@ -175,7 +203,7 @@ class FeatureSet:
         meta = json.loads((path / "feature_set.json").read_text(encoding="utf-8"))
         tensors = load_file(path / "decoder.safetensors") if (path / "decoder.safetensors").is_file() else {}
         feature_set = cls(**meta, decoder=tensors.get("decoder"), density=tensors.get("density"))
-        if sae is not None:
+        if sae is not None and not feature_set.is_directions:  # a direction set reads no SAE
             feature_set.check_belongs_to(sae)
         return feature_set
 
@@ -202,8 +230,25 @@ class FeatureSet:
                 labels[feature] = " ".join(label["top_tokens"][:5])
         return labels
 
+    def check_fits_model(self, model: nn.Module) -> None:
+        """Raise `ValueError` unless this direction set was built on `model`'s architecture and its hook exists."""
+        signature = model_signature(model)
+        if self.model_signature is not None and signature != self.model_signature:
+            raise ValueError(
+                f"Direction set {self.name!r} was built on another model ({self.model_signature}); this model is "
+                f"{signature}. Build the directions again on this model (`geoguard features --kind directions`)."
+            )
+        try:
+            resolve_hook_point(model, self.hook_name)
+        except ValueError as err:
+            raise ValueError(f"Direction set {self.name!r} reads hook {self.hook_name!r}: {err}") from err
+
     def check_belongs_to(self, sae: SAE) -> None:
         """Raise `ValueError` unless this set was selected on `sae`."""
+        if self.is_directions:
+            raise ValueError(
+                f"{self.name!r} is a direction set: it reads the residual stream itself, not the features of an SAE."
+            )
         if sae.cfg.d_sae != self.d_sae or sae_fingerprint(sae) != self.sae_fingerprint:
             raise ValueError(
                 f"Feature set {self.name!r} was selected on another SAE (d_sae={self.d_sae}, "

@@ -163,6 +163,12 @@ def measure_geometry(
         >>> result = measure_geometry(toxic, [inducing, control], sae.W_dec)
         >>> result.comparisons[0].nearest_p
     """
+    for feature_set in [toxic, *sets]:
+        if feature_set.is_directions:
+            raise ValueError(
+                f"{feature_set.name!r} is a direction set: the geometry compares SAE feature sets. Which SAE "
+                "features a direction is made of is `geoguard.directions.direction_composition` (on its card)."
+            )
     for feature_set in sets:
         if feature_set.sae_fingerprint != toxic.sae_fingerprint:
             raise ValueError(

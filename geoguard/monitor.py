@@ -33,9 +33,8 @@ from geoguard.corpora import load_probe_prompts
 from geoguard.data import Sample
 from geoguard.distributed import reduce_across_processes
 from geoguard.features import FeatureSet
+from geoguard.readout import SetReadout
 from geoguard.reporting import ReportingCallback
-from geoguard.sae import check_sae_fits, sae_hook_name
-from geoguard.scoring import encode_features, toxic_subspace
 
 logger = logging.getLogger(__name__)
 
@@ -101,35 +100,14 @@ class DriftAlarm:
         return f"geoguard/alarm/{self.metric.removeprefix('geoguard/')}>{self.threshold:g}"
 
 
-class _ToxicReadout:
-    """Toxic-feature activations and toxic-subspace projections of residual-stream vectors."""
-
-    def __init__(self, sae: SAE, feature_ids: list[int]):
-        self.sae = sae
-        self.ids = torch.tensor(feature_ids)
-        self._directions, self._basis = toxic_subspace(sae, self.ids)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(n, k)` toxic activations and `(n,)` projection norms of residuals `x` `(n, d_in)`, float32."""
-        x = x.detach().to(self.sae.device, self.sae.dtype)
-        acts = encode_features(self.sae, x, self.ids.to(x.device)).float()
-        projection = (self.sae.process_sae_in(x).float() @ self._basis.to(x.device)).norm(dim=1)
-        return acts, projection
-
-    def to(self, device: torch.device) -> None:
-        self.sae.to(device)
-        self._basis = self._basis.to(device)
-
-
 class _BatchTap:
     """Hooks that add up the toxic readout of the tokens trained on, from the training forward pass itself."""
 
     def __init__(
-        self, model: nn.Module, hook_name: str, readout: _ToxicReadout, sink_rule: SinkRule, max_tokens: int | None
+        self, model: nn.Module, hook_name: str, readout: SetReadout, sink_rule: SinkRule, max_tokens: int | None
     ):
         self.readout, self.sink_rule, self.max_tokens = readout, sink_rule, max_tokens
-        # activation sum, firing (token, feature) pairs, projection sum, tokens, (token, feature) pairs; kept on
+        # set-value sum, firing (token, feature) pairs, projection sum, tokens, (token, feature) pairs; kept on
         # the model's device so that reading a micro-batch never waits for the GPU
         self.sums: torch.Tensor | float = 0.0
         self._mask: torch.Tensor | None = None
@@ -168,9 +146,9 @@ class _BatchTap:
         x = acts.detach()[keep]  # (n_kept, d_in)
         if self.max_tokens is not None and x.shape[0] > self.max_tokens:  # an unbiased sample bounds the cost
             x = x[torch.randperm(x.shape[0], generator=self._generator)[: self.max_tokens].to(x.device)]
-        toxic, projection = self.readout(x)
+        toxic, projection = self.readout.unit_values(x), self.readout.projection(x)  # (n, k), (n,)
         counts = torch.tensor([x.shape[0], toxic.numel()], dtype=torch.float64, device=toxic.device)
-        readings = torch.stack([toxic.sum(), (toxic > 0).sum(), projection.sum()]).double()
+        readings = torch.stack([self.readout.token_scores(toxic).sum(), (toxic > 0).sum(), projection.sum()]).double()
         self.sums = self.sums + torch.cat([readings, counts])
 
     def take(self) -> torch.Tensor:
@@ -248,11 +226,10 @@ class DriftMonitorCallback(ReportingCallback):
             raise ValueError(f"baseline_steps must be >= 2 (a spread needs two steps), got {baseline_steps}.")
         if batch_max_tokens is not None and batch_max_tokens < 1:
             raise ValueError(f"batch_max_tokens must be >= 1 or None, got {batch_max_tokens}.")
-        feature_set.check_belongs_to(sae)
+        self.readout = SetReadout(feature_set, sae)
         super().__init__(log_dir)
         self.sae, self.feature_set, self.tokenizer = sae, feature_set, tokenizer
-        self.hook_name = sae_hook_name(sae)
-        self.readout = _ToxicReadout(sae, feature_set.feature_ids)
+        self.hook_name = self.readout.hook_name
         self.probe_samples = probe_samples if probe_samples is not None else load_probe_prompts()
         if not self.probe_samples:
             raise ValueError("probe_samples is empty; pass at least one prompt or leave it unset for the default.")
@@ -279,7 +256,7 @@ class DriftMonitorCallback(ReportingCallback):
         """
         was_training = model.training
         model.eval()
-        n, k = len(self.probe_samples), len(self.readout.ids)
+        n, k = len(self.probe_samples), len(self.feature_set.feature_ids)
         per_sample, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         per_feature = torch.zeros(k, dtype=torch.float64)
         fired = projection = 0.0
@@ -293,9 +270,9 @@ class DriftMonitorCallback(ReportingCallback):
                 if i == len(self._keep_masks):
                     self._keep_masks.append(self.sink_rule.keep_mask(acts, keep).cpu())
                 keep = self._keep_masks[i].to(acts.device)
-                toxic, norms = self.readout(acts[keep])  # (n_kept, k), (n_kept,)
+                toxic, norms = self.readout.unit_values(acts[keep]), self.readout.projection(acts[keep])
                 rows = torch.tensor(indices)[keep.nonzero()[:, 0].cpu()]
-                per_sample.index_add_(0, rows, toxic.mean(dim=1).double().cpu())
+                per_sample.index_add_(0, rows, self.readout.token_scores(toxic).double().cpu())
                 tokens.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
                 per_feature += toxic.sum(dim=0).double().cpu()
                 fired += (toxic > 0).sum().item()
@@ -342,7 +319,7 @@ class DriftMonitorCallback(ReportingCallback):
         if tokens == 0:
             return {}
         metrics = {
-            BATCH_MEAN_ACT: act / pairs,
+            BATCH_MEAN_ACT: act / tokens,  # the set's per-token value (the features' mean without weights)
             BATCH_FIRING_RATE: fired / pairs,
             BATCH_PROJECTION: projection / tokens,
             BATCH_TOKENS: tokens,
@@ -360,7 +337,7 @@ class DriftMonitorCallback(ReportingCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
-        check_sae_fits(self.sae, model, self.hook_name)
+        self.readout.check_fits(model)
         self.readout.to(next(model.parameters()).device)
         self.open_reports(args, state)
         if self.writer is not None:

@@ -32,6 +32,8 @@ def _tokens(tokens: list[str]) -> str:
 
 def write_feature_set_card(feature_set: FeatureSet, path: str | Path, *, show: int = 20) -> Path:
     """Write `CARD.md` for `feature_set` into directory `path`: provenance, per-contrast results, warnings, labels."""
+    if feature_set.is_directions:
+        return _write_direction_card(feature_set, Path(path))
     s, p = feature_set.summary, feature_set.provenance
     n_contrasts = sum(c["role"] == "selection" for c in s["contrasts"])
     lines = [
@@ -343,3 +345,54 @@ def write_eval_report(result, path: str | Path, *, examples_per_question: int = 
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _write_direction_card(direction_set: FeatureSet, path: Path) -> Path:
+    s, p = direction_set.summary, direction_set.provenance
+    methods = s["methods"]
+    lines = [
+        f"# Direction set {escape_markdown(direction_set.name)}",
+        "",
+        f"- Residual stream at {escape_markdown(direction_set.hook_name)} of "
+        + escape_markdown(str(p.get("model", direction_set.model_signature))),
+        f"- Direction: {p['method']} of mean-pooled residuals over {p['span']} tokens, fitted on the selection rows; "
+        f"{p['heldout_fraction']:.0%} of each side held out",
+        f"- **Held-out AUROC** (mean over selection contrasts): **{s['heldout_auroc']:.3f}**; "
+        + ", ".join(f"{escape_markdown(k)} {v:.3f}" for k, v in methods.items()),
+        f"- Logit-lens tokens: {_tokens(direction_set.labels[0]['top_tokens'])}",
+        "",
+        "## Held-out separation per contrast",
+        "",
+        "| contrast | role | target | reference | "
+        + " | ".join(f"{escape_markdown(k)} AUROC" for k in methods)
+        + " | p (kept direction) | AUROC of length alone |",
+        "|---" * (6 + len(methods)) + "|",
+    ]
+    for c in s["contrasts"]:
+        lines.append(
+            f"| {escape_markdown(c['name'])} | {c['role']} | {c['n_target']} | {c['n_reference']} | "
+            + " | ".join(f"{c['methods'][k]:.3f}" for k in methods)
+            + f" | {c['p_value']:.3g} | {c['length_auroc']:.3f} |"
+        )
+    lines += ["", "## Warnings", ""]
+    lines += [f"- {escape_markdown(w)}" for w in s["warnings"]] or ["None."]
+    for composition in s.get("composition", []):
+        lines += [
+            "",
+            f"## SAE features the direction is made of ({escape_markdown(s.get('composition_sae', ''))})",
+            "",
+            f"{composition['captured']:.0%} of the direction lies in the span of these "
+            f"{len(composition['features'])} decoder directions.",
+            "",
+            "| feature | cosine | logit-lens tokens |",
+            "|---|---|---|",
+        ]
+        tokens = composition.get("tokens", [[]] * len(composition["features"]))
+        lines += [
+            f"| {f} | {c:+.3f} | {_tokens(t)} |" for (f, c), t in zip(composition["features"], tokens, strict=True)
+        ]
+    if "command" in p:
+        lines += ["", f"Reproduce: {escape_markdown(p['command'])}"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path / "CARD.md"

@@ -41,8 +41,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from sae_lens import SAE
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE
-from sae_lens.saes.standard_sae import StandardSAE
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -50,9 +48,9 @@ from transformers import PreTrainedTokenizerBase
 from geoguard.capture import SinkRule, iter_activations, unwrap_model
 from geoguard.data import Sample, Span, TokenizedSample, tokenize_samples
 from geoguard.distributed import from_main_process, gather_dicts, my_share, process_state
-from geoguard.features import FeatureSet, Pooling, TokenPooler, sae_fingerprint
+from geoguard.features import FeatureSet, Pooling, TokenPooler
 from geoguard.models import cache_dir
-from geoguard.sae import check_sae_fits, sae_hook_name
+from geoguard.readout import SetReadout
 
 logger = logging.getLogger(__name__)
 
@@ -206,23 +204,6 @@ class SampleScores:
         return SampleScores(*(getattr(self, f)[np.asarray(rows)] for f in self.__dataclass_fields__))
 
 
-def encode_features(sae: SAE, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
-    """SAE activations of only `feature_ids` for inputs `x` `(n, d_in)`, returned as `(n, len(feature_ids))`.
-
-    For ReLU (`StandardSAE`) and JumpReLU SAEs a feature's activation depends on its own encoder column only,
-    so just those columns are computed: exact, and about `d_sae / k` times cheaper. Other architectures (TopK,
-    gated, ...) couple the features, so the full encoding is computed and sliced.
-    """
-    if not isinstance(sae, StandardSAE | JumpReLUSAE):
-        return sae.encode(x)[:, feature_ids]
-    sae_in = sae.process_sae_in(x)
-    hidden_pre = sae_in @ sae.W_enc[:, feature_ids] + sae.b_enc[feature_ids]  # (n, k)
-    acts = sae.activation_fn(hidden_pre)
-    if isinstance(sae, JumpReLUSAE):
-        acts = acts * (hidden_pre > sae.threshold[feature_ids]).to(acts.dtype)
-    return acts
-
-
 class ToxicScorer:
     """Score samples by their closeness to a toxic feature set, with a model and its SAE.
 
@@ -256,13 +237,27 @@ class ToxicScorer:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        feature_set.check_belongs_to(sae)
-        check_sae_fits(sae, model)
+        self.readout = SetReadout(feature_set, sae)
+        self.readout.check_fits(model)
+        if feature_set.is_directions and settings.method == "proximity":
+            raise ValueError(
+                f"{feature_set.name!r} is a direction set; the proximity score weighs SAE features by their decoder "
+                "similarity and needs an SAE feature set. Use method 'direct' or 'subspace'."
+            )
+        if not self.readout.nonnegative and settings.pooling == "max":
+            raise ValueError(
+                f"Pooling 'max' needs non-negative token values; {feature_set.name!r} is a direction set, whose "
+                "projections can be negative. Use pooling 'mean', 'window_mean' or 'topk_mean'."
+            )
         self.model, self.tokenizer, self.sae, self.feature_set = model, tokenizer, sae, feature_set
         self.settings, self.batch_size = settings, batch_size
-        self.hook_name = sae_hook_name(sae)
+        self.hook_name = self.readout.hook_name
         self.toxic_ids = torch.tensor(feature_set.feature_ids)
-        if settings.n_nearest > len(self.toxic_ids):
+        # The audit names up to n_nearest units: a direction set may have fewer.
+        self.n_nearest = (
+            min(settings.n_nearest, len(self.toxic_ids)) if feature_set.is_directions else settings.n_nearest
+        )
+        if self.n_nearest > len(self.toxic_ids):
             raise ValueError(f"n_nearest={settings.n_nearest} exceeds the {len(self.toxic_ids)} toxic features.")
         context = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
         if isinstance(context, int) and settings.max_length > context:
@@ -279,8 +274,6 @@ class ToxicScorer:
                 # Each SAE feature's similarity to its nearest toxic feature, and which one that is.
                 similarity, nearest = (directions @ directions[self.toxic_ids].T).max(dim=1)  # (d_sae,)
                 self._nearest, self._weight = nearest.cpu(), similarity.clamp(min=0).cpu()  # pooling runs on CPU
-            elif settings.method == "subspace":
-                self._toxic_directions, self._basis = toxic_subspace(sae, self.toxic_ids)
 
     def __call__(self, samples: Sequence[Sample]) -> SampleScores:
         """Score chats or plain texts (not cached; `score_dataset` caches); long samples are read whole."""
@@ -320,7 +313,7 @@ class ToxicScorer:
         self.check_scoreable(tokenized, rows)
         windows = self._windows(tokenized)
         # The passage poolings rank passages by the method's score of their mean values.
-        passage_score = self._proximity if settings.method == "proximity" else None
+        passage_score = {"proximity": self._proximity, "direct": self.readout.token_scores}.get(settings.method)
         pooler = partial(TokenPooler, n, passage_tokens=settings.passage_tokens, passage_score=passage_score)
         # subspace pools the projection norms and, for the audit, the mean projection along each toxic direction
         poolers = [pooler(settings.pooling)] + ([pooler("mean")] if settings.method == "subspace" else [])
@@ -337,7 +330,7 @@ class ToxicScorer:
                 "median (ScoreSettings.sink_rule). Score with span='all' or give them a longer answer."
             )
         scores, contributions = self._pooled_scores([p.result() for p in poolers])
-        top = contributions.topk(settings.n_nearest, dim=1)
+        top = contributions.topk(self.n_nearest, dim=1)
         return SampleScores(
             scores=scores.numpy(),
             nearest=self.toxic_ids[top.indices].numpy(),
@@ -406,7 +399,7 @@ class ToxicScorer:
                 positions = torch.arange(keep.shape[1], device=keep.device)  # (seq,)
                 keep = keep & (positions >= windows.first[indices].to(keep.device).unsqueeze(1))  # context: not scored
                 rows = windows.sample[indices][keep.nonzero()[:, 0].cpu()]  # (n_kept,) sample of each kept token
-                x = acts[keep].to(self.sae.device, self.sae.dtype)  # (n_kept, d_in)
+                x = acts[keep]  # (n_kept, d_in)
                 for start in range(0, x.shape[0], _TOKEN_CHUNK):
                     values = self._token_values(x[start : start + _TOKEN_CHUNK])
                     yield rows[start : start + _TOKEN_CHUNK], [v.float().cpu() for v in values]
@@ -419,18 +412,16 @@ class ToxicScorer:
         Every quantity pooled with max or a passage pooling (SAE activations, projection norms) is non-negative,
         as `TokenPooler` requires of max.
         """
-        sae = self.sae
         if self.settings.method == "direct":
-            return [encode_features(sae, x, self.toxic_ids.to(sae.device))]  # (tokens, k)
+            return [self.readout.unit_values(x)]  # (tokens, k)
         if self.settings.method == "proximity":
-            return [sae.encode(x)]  # (tokens, d_sae)
-        centred = sae.process_sae_in(x).float()  # the SAE's input space (decoder bias removed)
-        return [(centred @ self._basis).norm(dim=1, keepdim=True), centred @ self._toxic_directions.T]
+            return [self.sae.encode(x.to(self.sae.device, self.sae.dtype))]  # (tokens, d_sae)
+        return [self.readout.projection(x).unsqueeze(1), self.readout.along(x)]
 
     def _pooled_scores(self, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores `(n,)` and per-toxic-feature contributions `(n, k)` from the pooled token values."""
         if self.settings.method == "direct":  # (n, k)
-            return pooled[0].mean(dim=1), pooled[0]
+            return self.readout.score(pooled[0]), self.readout.contributions(pooled[0])
         if self.settings.method == "proximity":  # (n, d_sae)
             weighted = pooled[0] * self._weight
             contributions = torch.zeros(len(weighted), len(self.toxic_ids)).index_add_(1, self._nearest, weighted)
@@ -452,9 +443,7 @@ class ToxicScorer:
         parts = {
             "data": digest.hexdigest(),
             "model": model_fingerprint(self.model),
-            "sae": sae_fingerprint(self.sae),
-            "hook": self.hook_name,
-            "features": sorted(self.feature_set.feature_ids),
+            "readout": self.readout.fingerprint(),
             "settings": asdict(self.settings),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -524,16 +513,6 @@ def _log_long_samples(scores: SampleScores, settings: ScoreSettings) -> None:
             settings.max_length,
             int(scores.n_windows[scores.n_windows > 1].sum()),
         )
-
-
-def toxic_subspace(sae: SAE, feature_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit decoder directions `(k, d_in)` of `feature_ids` and an orthonormal basis `(d_in, k)` of their span.
-
-    Both are float32 on the SAE's device; project residuals in the SAE's input space (`sae.process_sae_in`).
-    """
-    with torch.no_grad():
-        directions = nn.functional.normalize(sae.W_dec.detach()[feature_ids].float(), dim=1)
-        return directions, torch.linalg.qr(directions.T).Q
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -141,7 +142,7 @@ def test_any_model_end_to_end_preset_features_score_filter_recipe_and_evaluation
     sets = tmp_path / "sets" / "toxic"
     out = run(geoguard, "features", "--preset", "toxic", "--model", str(tiny_gemma3), *sae_flags,
               "--output_dir", str(sets), "--max_samples", "40", "--n_permutations", "50")  # fmt: skip
-    assert "Feature set 'toxic': 100 features" in out
+    assert "Feature set 'toxic': 100 features, held-out AUROC" in out
     card = (sets / "CARD.md").read_text()
     assert "toxigen\\_hate\\_vs\\_neutral" in card and "harmful\\_vs\\_harmless\\_requests" in card
     assert FeatureSet.load(sets).provenance["preset"] == "toxic"
@@ -167,4 +168,15 @@ def test_any_model_end_to_end_preset_features_score_filter_recipe_and_evaluation
     out = run(geoguard, "filter", *flags, "--output", str(tmp_path / "kept.jsonl"), "--fraction", "0.5")
     assert "Kept 8 of 16 rows" in out
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    assert len(scored) == 16 and all(row["geoguard_score"] > 0 for row in scored)
+    values = [row["geoguard_score"] for row in scored]  # the weighted readout's logits
+    assert len(values) == 16 and np.isfinite(values).all() and len(set(values)) > 1
+
+    # A direction set of the same preset, related to the SAE's features on its card, scores the same data.
+    directions = tmp_path / "sets" / "toxic-direction"
+    out = run(geoguard, "features", "--preset", "toxic", "--kind", "directions", "--model", str(tiny_gemma3),
+              *sae_flags, "--output_dir", str(directions), "--max_samples", "40", "--n_permutations", "50")  # fmt: skip
+    assert "Direction set 'toxic': held-out AUROC mean_diff" in out
+    assert "SAE features the direction is made of" in (directions / "CARD.md").read_text()
+    flags[flags.index("toxic")] = str(directions)
+    run(geoguard, "score", *flags, "--output", str(tmp_path / "scored_direction.jsonl"))
+    assert len((tmp_path / "scored_direction.jsonl").read_text().splitlines()) == 16

@@ -18,7 +18,8 @@ from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from geoguard.capture import SinkRule
 from geoguard.data import TokenizedSample, tokenize_samples
 from geoguard.features import TokenPooler
-from geoguard.scoring import ScoreSettings, ToxicScorer, encode_features, score_dataset, window_start_ends
+from geoguard.readout import encode_features
+from geoguard.scoring import ScoreSettings, ToxicScorer, score_dataset, window_start_ends
 from geoguard.stats import auroc
 
 from conftest import PLANTED, char_tokenizer, planted_feature_set, planted_sae, planted_texts, tiny_llama

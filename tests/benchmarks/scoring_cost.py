@@ -10,7 +10,9 @@ alternating rounds (the machines are noisy; each kind keeps its fastest round):
 
 - `full forward`: the model's own forward pass (logits included) over the same length-sorted batches;
 - `early-exit forward`: the forward pass stopped at the SAE's layer (the floor for any score);
-- each score method through `score_dataset` with the cache off;
+- each score method through `score_dataset` with the cache off; `direct` also with a weighted set (the toxic
+  features with a sparse readout's weights) and with a direction set (one residual-space direction, no SAE);
+  the values of the weights and of the direction do not change the cost, so fixed random ones stand in;
 - a second `score_dataset` call with the cache on (a cache hit).
 
 Ratios are times over the full forward pass. Peak memory is measured per kind in a fresh process: the
@@ -31,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("full forward", "early-exit forward", "proximity", "direct", "subspace")
+KINDS = (
+    "full forward",
+    "early-exit forward",
+    "proximity",
+    "direct",
+    "direct, weighted set",
+    "direct, direction set",
+    "subspace",
+)
 
 
 def _status_mb(field: str) -> float:
@@ -89,10 +99,31 @@ def run_kind(kind: str, parts, batch_size: int, cache=None) -> float:
         for _ in iter_activations(model, tokenizer, tokenized, sae_hook_name(sae), batch_size=batch_size):
             pass
     else:
-        scorer = ToxicScorer(model, tokenizer, sae, toxic, ScoreSettings(method=kind), batch_size=batch_size)
+        method, _, variant = kind.partition(", ")
+        scorer = ToxicScorer(
+            model, tokenizer, sae, _variant(toxic, variant, model), ScoreSettings(method=method), batch_size=batch_size
+        )
         score_dataset(scorer, samples, cache=cache, progress=False)
     _synchronize(model.device)
     return time.perf_counter() - start
+
+
+def _variant(toxic, variant: str, model):
+    """The toxic set, the same features with (fixed random) weights, or a (fixed random) direction set."""
+    from geoguard.features import FeatureSet, model_signature
+
+    generator = torch.Generator().manual_seed(0)
+    if variant == "weighted set":
+        return FeatureSet(
+            **{**toxic.__dict__, "weights": torch.randn(len(toxic.feature_ids), generator=generator).tolist()}
+        )
+    if variant == "direction set":
+        direction = torch.nn.functional.normalize(torch.randn(1, toxic.decoder.shape[1], generator=generator), dim=1)
+        return FeatureSet(
+            name="direction", feature_ids=[0], hook_name=toxic.hook_name, d_sae=0, sae_fingerprint="",
+            kind="directions", offsets=[0.0], model_signature=model_signature(model), decoder=direction,
+        )  # fmt: skip
+    return toxic
 
 
 def main() -> None:
