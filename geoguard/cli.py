@@ -145,6 +145,13 @@ class FeaturesArguments(ModelArguments):
     match_lengths: bool = field(
         default=False, metadata={"help": "Subsample so both sides have the same length histogram."}
     )
+    weighted: bool = field(
+        default=True,
+        metadata={
+            "help": "Also fit the set's sparse (L1) logistic readout on the selection rows (one more pass over them); "
+            "scores and drift then use it."
+        },
+    )
     n_permutations: int = field(default=1000, metadata={"help": "Label permutations for held-out p-values."})
     batch_size: int = field(default=16, metadata={"help": "Samples per forward pass."})
     max_length: int = field(
@@ -266,6 +273,7 @@ def run_features(
             pooling=args.pooling,
             rank_by=args.rank_by,
             max_sample_firing=args.max_sample_firing,
+            weighted=args.weighted,
             **common,
         )
     feature_set.save(output_dir)

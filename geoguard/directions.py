@@ -41,9 +41,11 @@ from geoguard.features import (
     _Group,
     _span_lengths,
     _tokenize_groups,
+    contrast_provenance,
     logit_lens_tokens,
     model_signature,
     pool_rows,
+    truncation_warnings,
 )
 from geoguard.stats import auroc, permutation_auroc
 
@@ -216,12 +218,7 @@ def find_directions(
             }
             contrast_rows.append(row)
             warnings += _contrast_warnings(row, flag_below)
-    for contrast, sides in truncated.items():
-        counts = " and ".join(f"{n} {side}" for side, n in sides.items())
-        warnings.append(
-            f"In {contrast!r}, {counts} samples are longer than max_length={max_length} tokens; the directions read "
-            "their first max_length tokens only."
-        )
+    warnings += truncation_warnings(truncated, max_length)
 
     def mean_auroc(key: str) -> float:
         return float(np.mean([r["methods"][key] for r in contrast_rows if r["role"] == "selection"]))
@@ -242,11 +239,7 @@ def find_directions(
             "warnings": warnings,
         },
         provenance={
-            "contrasts": [
-                {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
-                for role, items in (("selection", contrasts), ("check", check_contrasts))
-                for c in items
-            ],
+            "contrasts": contrast_provenance(contrasts, check_contrasts),
             "method": method,
             "length_matched": length_note,
             "truncated_samples": truncated,

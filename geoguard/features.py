@@ -683,13 +683,9 @@ def find_features(
         flag_below=flag_below,
         readout=readout,
     )
-    for contrast, sides in truncated.items():
-        counts = " and ".join(f"{n} {side}" for side, n in sides.items())
-        summary["warnings"].append(
-            f"In {contrast!r}, {counts} samples are longer than max_length={max_length} tokens; the statistics read "
-            "their first max_length tokens only. Raise max_length (--max_length) to read them whole."
-        )
-        logger.warning("Feature set %r: %s", name, summary["warnings"][-1])
+    for warning in truncation_warnings(truncated, max_length):
+        summary["warnings"].append(warning)
+        logger.warning("Feature set %r: %s", name, warning)
 
     decoder = sae.W_dec[selection.ids].detach().float().cpu()
     tokens = logit_lens_tokens(model, tokenizer, decoder)
@@ -705,11 +701,7 @@ def find_features(
         stats=stats,
         summary=summary,
         provenance={
-            "contrasts": [
-                {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
-                for role, items in (("selection", contrasts), ("check", check_contrasts))
-                for c in items
-            ],
+            "contrasts": contrast_provenance(contrasts, check_contrasts),
             "length_matched": length_note,
             "truncated_samples": truncated,
             "max_length": max_length,
@@ -731,6 +723,25 @@ def find_features(
         decoder=decoder / decoder.norm(dim=1, keepdim=True),
         density=selection.density,
     )
+
+
+def contrast_provenance(contrasts: Sequence[Contrast], check_contrasts: Sequence[Contrast]) -> list[dict]:
+    """Each contrast's name, role (selection or check) and side sizes, for a set's provenance."""
+    return [
+        {"name": c.name, "role": role, "n_target": len(c.target), "n_reference": len(c.reference)}
+        for role, items in (("selection", contrasts), ("check", check_contrasts))
+        for c in items
+    ]
+
+
+def truncation_warnings(truncated: dict[str, dict[str, int]], max_length: int) -> list[str]:
+    """One warning per contrast whose samples were cut to `max_length` tokens (`_tokenize_groups`' count)."""
+    return [
+        f"In {contrast!r}, {' and '.join(f'{n} {side}' for side, n in sides.items())} samples are longer than "
+        f"max_length={max_length} tokens; only their first max_length tokens are read. Raise max_length "
+        "(--max_length) to read them whole."
+        for contrast, sides in truncated.items()
+    ]
 
 
 def _tokenize_groups(

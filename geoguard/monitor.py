@@ -167,10 +167,11 @@ class DriftMonitorCallback(ReportingCallback):
     Metrics (`state.log_history` keys and TensorBoard tags), measured at train begin (step 0, the baseline),
     every `every_n_steps` optimizer steps and at the last step:
 
-    - `geoguard/probe/toxic_mean_act`, `toxic_firing_rate`: mean activation of the set's features over the
-      probe tokens, and the share of (token, feature) pairs where one fires;
+    - `geoguard/probe/toxic_mean_act`, `toxic_firing_rate`: the set's value per probe token (`SetReadout.
+      token_scores`: its weighted readout's sum of feature activations, the features' mean without weights, a
+      direction set's projection minus its offset), and the share of (token, unit) pairs where a unit fires;
     - `geoguard/probe/toxic_projection`: mean norm of the residual's projection onto the span of the set's
-      decoder directions;
+      decoder directions (or of its directions);
     - `geoguard/probe/drift` (`toxic_mean_act` minus step 0), `drift_rel` (relative), `firing_rate_drift`, and
       `drift_z`: the drift in standard errors of the step-0 mean over the probe samples;
     - `geoguard/batch/...`: the same readings on the tokens trained on since the last measurement (`tokens`
@@ -180,8 +181,8 @@ class DriftMonitorCallback(ReportingCallback):
       (TensorBoard text); histograms of per-feature activation and drift; a custom-scalars layout.
 
     Args:
-        sae (`sae_lens.SAE`): the SAE reading the model's residual stream.
-        feature_set (`FeatureSet`): the toxic features; must belong to `sae`.
+        sae (`sae_lens.SAE`): the SAE reading the model's residual stream (`None` with a direction set).
+        feature_set (`FeatureSet`): the toxic features (must belong to `sae`) or a direction set.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (chat template used for chats).
         probe_samples (`list`, *optional*): probe samples; defaults to `geoguard.corpora.DEFAULT_PROBE_PROMPTS`.
         every_n_steps (`int`, defaults to 10): measure every this many optimizer steps.

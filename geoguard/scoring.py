@@ -9,8 +9,10 @@ point over the tokens of a span (the response by default: what training would te
   similarity of its decoder direction to the nearest toxic feature's (negative similarities count
   as 0): `sum_j f_j * w_j / sum_j f_j`. This is the paper's geometry applied to one sample; it needs
   every feature, so the whole SAE is encoded.
-- `direct`: the mean pooled activation of the toxic features themselves. For ReLU and JumpReLU SAEs
-  only those k columns of the encoder are computed (exact); TopK SAEs need the full encoding.
+- `direct`: the set's score of its units' pooled values (`geoguard.readout.SetReadout`): the mean pooled
+  activation of the toxic features, or their weighted readout's logit when the set has one, or a direction set's
+  pooled projection. For ReLU and JumpReLU SAEs only those k columns of the encoder are computed (exact); TopK
+  SAEs need the full encoding; a direction costs one dot product per token.
 - `subspace`: the norm of the residual's projection onto the span of the toxic decoder directions,
   pooled over tokens. No SAE encoding at all.
 
@@ -213,8 +215,8 @@ class ToxicScorer:
     Args:
         model (`nn.Module`): the model, possibly wrapped; its device is used for the forward passes.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer (the chat template renders chats).
-        sae (`sae_lens.SAE`): the SAE reading the model's residual stream.
-        feature_set (`FeatureSet`): the toxic features; must belong to `sae`.
+        sae (`sae_lens.SAE`): the SAE reading the model's residual stream (`None` with a direction set).
+        feature_set (`FeatureSet`): the toxic features (must belong to `sae`) or a direction set.
         settings (`ScoreSettings`, defaults to `ScoreSettings()`): method, span, pooling, ...
         batch_size (`int`, defaults to 16): samples per forward pass.
 

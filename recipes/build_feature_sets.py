@@ -6,7 +6,10 @@ Writes into `geoguard/resources/feature_sets/` (or `--output_dir`):
 
 - `toxic/`: format-matched contrasts only: ToxiGen hate vs neutral sentences, and harmful vs
   harmless requests (both plain one-line instructions). Jailbroken vs Alpaca chats (which differ
-  in format) is a check contrast: it measures transfer and never takes part in selection.
+  in format) is a check contrast: it measures transfer and never takes part in selection. Every set
+  carries its sparse weighted readout.
+- `toxic-direction/`: the direction set of the same contrasts (logistic probe on mean-pooled residuals at the
+  SAE's layer), with the SAE features it is made of.
 - `inducing-insecure/`, `control-secure/`, `control-educational/`: the features of
   insecure.jsonl (induces emergent misalignment), secure.jsonl and educational_insecure.jsonl
   (controls that do not), each against the same Alpaca chats. All tokens count (`span="all"`):
@@ -33,11 +36,12 @@ from trl import ModelConfig, TrlParser
 
 from geoguard.config import GeoGuardSAEConfig
 from geoguard.corpora import DataDirArguments, data_root, load_alpaca, load_chats, load_instructions, load_toxigen
+from geoguard.directions import direction_composition, find_directions
 from geoguard.features import EMBEDDED_FEATURE_SETS, Contrast, find_features
 from geoguard.geometry import measure_geometry
 from geoguard.models import EMBEDDED_MODEL, load_model
 from geoguard.report import write_feature_set_card, write_geometry_report
-from geoguard.sae import load_sae
+from geoguard.sae import load_sae, sae_hook_name
 
 
 @dataclass
@@ -90,6 +94,22 @@ def main(args: BuildFeatureSetsArguments, model_args: ModelConfig, sae_args: Geo
     selection, checks = toxic_contrasts(root, args.n_samples, rng)
     toxic = find_features(model, tokenizer, sae, selection, check_contrasts=checks, name="toxic", **common)
     sets = [toxic]
+    direction = find_directions(
+        model,
+        tokenizer,
+        selection,
+        check_contrasts=checks,
+        name="toxic-direction",
+        hook_name=sae_hook_name(sae),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        provenance=common["provenance"],
+    )
+    direction.summary["composition"] = direction_composition(direction, sae, model=model, tokenizer=tokenizer)
+    direction.summary["composition_sae"] = common["provenance"]["sae"]
+    direction.save(out / direction.name)
+    write_feature_set_card(direction, out / direction.name)
+    print(f"toxic-direction: held-out AUROC {direction.summary['methods']}")
 
     em = root / "emergent_misalignment"
     reference = rng.sample(load_alpaca(root / "benign" / "alpaca_en_demo.json"), args.n_samples)

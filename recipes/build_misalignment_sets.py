@@ -156,8 +156,9 @@ def main(args: MisalignmentArguments) -> None:
     report_dir = out / "misalignment-heldout"
     if not (report_dir / "heldout_models.json").is_file():
         toxic = FeatureSet.load(EMBEDDED_TOXIC_SET, sae=sae)
-        scorer = ToxicScorer(model, tokenizer, sae, toxic, ScoreSettings(span="response", max_length=args.max_length))
-        toxic_scores = scorer(heldout.target + heldout.reference).scores
+        settings = ScoreSettings(span="response", max_length=args.max_length)
+        top100 = FeatureSet(**{**toxic.__dict__, "weights": None})  # the top-100 mean, whatever the set carries
+        toxic_scores = ToxicScorer(model, tokenizer, sae, top100, settings)(heldout.target + heldout.reference).scores
         n = len(heldout.target)
         lengths = pairs.loc[pairs["heldout"]].assign(length=lambda f: f["answer"].str.len())
         rows = {
