@@ -17,6 +17,8 @@ encoding (TopK).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
@@ -105,7 +107,8 @@ class SetReadout:
         if self.sae is not None:
             parts += [sae_fingerprint(self.sae), str(self.ids.tolist())]
         else:
-            parts += [str(self._directions.sum(dim=1).tolist()), str(self._offsets.tolist())]
+            directions = self._directions.detach().cpu().numpy().tobytes()
+            parts += [hashlib.sha256(directions).hexdigest(), str(self._offsets.tolist())]
         return "|".join(parts)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
