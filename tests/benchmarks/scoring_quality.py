@@ -181,7 +181,8 @@ def pooled_direct_scores(scorer: ToxicScorer, samples: list, cache_dir: str) -> 
     here equals `score_dataset`'s; the result is cached under the scorer's cache key.
     """
     tokenized = tokenize_samples(scorer.tokenizer, samples, max_length=None)
-    key = hashlib.sha256((scorer.cache_key(tokenized) + json.dumps(CANDIDATES)).encode()).hexdigest()[:24]
+    # "set-score": the pooled values are the set's score (`readout.score`), not the features' mean as before.
+    key = hashlib.sha256((scorer.cache_key(tokenized) + json.dumps(CANDIDATES) + "set-score").encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"poolings-{key}.npz"
     if path.is_file():
         with np.load(path) as data:
@@ -190,12 +191,15 @@ def pooled_direct_scores(scorer: ToxicScorer, samples: list, cache_dir: str) -> 
     out = {name: np.zeros(len(samples), np.float32) for name in CANDIDATES} | {"n_tokens": np.zeros(len(samples))}
     for start in range(0, len(order), 256):
         chunk = order[start : start + 256]
-        poolers = {name: TokenPooler(len(chunk), p, passage_tokens=w) for name, (p, w) in CANDIDATES.items()}
+        poolers = {
+            name: TokenPooler(len(chunk), p, passage_tokens=w, passage_score=scorer.readout.token_scores)
+            for name, (p, w) in CANDIDATES.items()
+        }
         for rows, (acts,) in scorer.iter_token_values([tokenized[i] for i in chunk]):
             for pooler in poolers.values():
                 pooler.add(acts, rows)
         for name, pooler in poolers.items():
-            out[name][chunk] = pooler.result().mean(dim=1).numpy()
+            out[name][chunk] = scorer.readout.score(pooler.result()).numpy()  # the set's score, as score_dataset's
         out["n_tokens"][chunk] = poolers["mean"].n_tokens.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
