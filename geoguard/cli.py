@@ -254,6 +254,11 @@ def run_features(
     }
     if args.kind == "directions":
         hook_name = args.hook_name or sae_hook_name(sae)
+        try:
+            resolve_hook_point(model, hook_name)
+        except ValueError as err:  # a bad --hook_name fails before any sample is read, and writes nothing
+            print(f"geoguard features: --hook_name: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         feature_set = find_directions(
             model, tokenizer, contrasts, name=args.name, hook_name=hook_name, method=args.direction_method, **common
         )

@@ -333,3 +333,16 @@ def test_ctrl_c_in_feature_statistics_or_the_evaluation_says_nothing_was_kept(
         "command again to start over."
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_features_refuses_an_unknown_preset_and_a_bad_direction_hook_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["features", "--preset", "hateful", "--output_dir", str(tmp_path / "set")])
+    assert exit_info.value.code == 2
+    assert "No contrast preset 'hateful'; geoguard ships ['toxic']" in capsys.readouterr().err
+    flags = ["--preset", "toxic", "--kind", "directions", "--hook_name", "blocks.99.hook_resid_post"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["features", *flags, "--output_dir", str(tmp_path / "set")])
+    assert exit_info.value.code == 2
+    assert "--hook_name: Hook name 'blocks.99.hook_resid_post' asks for layer 99" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()
