@@ -172,3 +172,40 @@ def permutation_mean_difference(
     null = null_a - (pooled.sum() - null_a * len(a)) / len(b)
     observed = a.mean() - b.mean()
     return float(observed), permutation_p_value(null, observed)
+
+
+# ---- rates of counted outcomes (misaligned answers out of judged ones) ----------------------------------
+
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, trials: int, z: float = _Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial rate (95% by default); `None` for no trials.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or `trials` successes.
+    """
+    if trials <= 0:
+        return None
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be within 0..trials, got {successes} of {trials}.")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, min(p, centre - half))), float(min(1.0, max(p, centre + half)))  # p inside, despite rounding
+
+
+def rate_difference_interval(
+    successes_a: int, trials_a: int, successes_b: int, trials_b: int, z: float = _Z95
+) -> tuple[float, float] | None:
+    """Newcombe's hybrid score interval (his method 10) of the difference of two independent rates, a minus b.
+
+    Built from the two Wilson intervals; well behaved at rates near 0 and with unequal sizes, where the
+    normal-approximation interval is too narrow. `None` when either side has no trials.
+    """
+    wa, wb = wilson_interval(successes_a, trials_a, z), wilson_interval(successes_b, trials_b, z)
+    if wa is None or wb is None:
+        return None
+    pa, pb = successes_a / trials_a, successes_b / trials_b
+    low = pa - pb - np.sqrt((pa - wa[0]) ** 2 + (wb[1] - pb) ** 2)
+    high = pa - pb + np.sqrt((wa[1] - pa) ** 2 + (pb - wb[0]) ** 2)
+    return float(low), float(high)

@@ -1,0 +1,152 @@
+"""The search for a model organism: run a grid of inducing / control pairs, resumably, and tabulate it.
+
+    python recipes/em_organism_grid.py --grid recipes/configs/organism/grid.yaml
+
+The grid file lists cells; each cell is an inducing arm's config, its control's, the seeds, and settings that
+override both configs (a learning rate, `use_peft: false` for full fine-tuning, ...). Cells run in order, each
+run as `recipes/em_organism.py` in its own process under `<output_root>/runs/<arm><overrides>-s<seed>/` (cells
+that need the same run share it); a finished run (its `organism.json` exists) is skipped and an interrupted one resumes from its last checkpoint, so the
+search goes on where it stopped. `--cells a b` runs only those; `--report_only true` only tabulates. Each cell's
+`comparison.md` sets its arms side by side (`recipes/em_organism_compare.py`); `<output_root>/grid.md` and
+`grid.json` list every finished cell: settings, rates with intervals, coherence and the criterion.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from em_organism_compare import CompareArguments, compare
+from transformers import HfArgumentParser
+
+RECIPE = Path(__file__).with_name("em_organism.py")
+
+
+@dataclass
+class GridArguments:
+    grid: str = field(metadata={"help": "The grid file (recipes/configs/organism/grid.yaml)."})
+    cells: list[str] = field(default_factory=list, metadata={"help": "Run only these cells (default: all)."})
+    report_only: bool = field(default=False, metadata={"help": "Tabulate finished cells, train nothing."})
+
+
+def load_grid(path: str) -> dict:
+    grid = yaml.safe_load(Path(path).read_text())
+    if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list) or "output_root" not in grid:
+        raise ValueError(f"{path} must hold 'output_root' and a list of 'cells'.")
+    names = [cell.get("name") for cell in grid["cells"]]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: every cell needs a unique string 'name'.")
+    for cell in grid["cells"]:
+        missing = {"inducing", "control", "seeds"} - set(cell)
+        if missing:
+            raise ValueError(f"{path}, cell {cell['name']}: missing {', '.join(sorted(missing))}.")
+    return grid
+
+
+def arm_name(config: str) -> str:
+    return yaml.safe_load(Path(config).read_text())["organism_arm"]
+
+
+def run_dirs(grid: dict, cell: dict, side: str) -> list[Path]:
+    """One folder per run, named by arm, overrides and seed: cells that need the same run share it."""
+    settings = "".join(f"-{key}={value}" for key, value in sorted((cell.get("overrides") or {}).items()))
+    root = Path(grid["output_root"]) / "runs"
+    return [root / f"{arm_name(cell[side])}{settings}-s{seed}" for seed in cell["seeds"]]
+
+
+def run_cell(grid: dict, cell: dict) -> None:
+    overrides = [part for key, value in (cell.get("overrides") or {}).items() for part in (f"--{key}", str(value))]
+    for side in ("inducing", "control"):
+        for seed, out in zip(cell["seeds"], run_dirs(grid, cell, side), strict=True):
+            if (out / "organism.json").is_file():
+                continue
+            command = [
+                sys.executable,
+                str(RECIPE),
+                "--config",
+                cell[side],
+                "--output_dir",
+                str(out),
+                "--seed",
+                str(seed),
+            ]
+            command += ["--organism_start_evals", str(Path(grid["output_root"]) / "start_evals"), *overrides]
+            print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: {' '.join(command[1:])}", flush=True)
+            subprocess.run(command, check=True)
+
+
+def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
+    rows = []
+    for cell in cells:
+        inducing, control = run_dirs(grid, cell, "inducing"), run_dirs(grid, cell, "control")
+        if not all((d / "organism.json").is_file() for d in inducing + control):
+            continue
+        out = Path(grid["output_root"]) / cell["name"]
+        result = compare(CompareArguments([str(d) for d in inducing], [str(d) for d in control], str(out)))
+        rows.append({"cell": cell["name"], "overrides": cell.get("overrides") or {}, "seeds": cell["seeds"]} | result)
+    return rows
+
+
+def _rate(block: dict | None) -> str:
+    if not block or block["misaligned_rate"] is None:
+        return "n/a"
+    low, high = block["ci95"]
+    return f"{100 * block['misaligned_rate']:.1f}% ({block['misaligned']}/{block['denominator']}; {100 * low:.1f}-{100 * high:.1f})"
+
+
+def write_grid_report(grid: dict, rows: list[dict]) -> Path:
+    out = Path(grid["output_root"])
+    (out / "grid.json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "# Model organism search",
+        "",
+        "Each row: an inducing arm and its control from one start, seeds pooled; misaligned rates on general "
+        "questions disjoint from the training data at the end of training (95% Wilson intervals), the difference "
+        "with Newcombe's 95% interval, the inducing arm's coherent share; criterion: interval above zero and "
+        "coherent > 80%. Details and per-checkpoint tables in `<cell>/comparison.md`.",
+        "",
+        "| cell | settings | seeds | inducing | control | difference (95% CI) | coherent | criterion |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        arms = row["arms"]
+        final = {name: arm["steps"][-1]["general"] for name, arm in arms.items()}
+        diff = row["final"]["general"]
+        diff_text = (
+            "n/a"
+            if not diff
+            else f"{100 * diff['difference']:+.1f} ({100 * diff['ci95'][0]:+.1f} to {100 * diff['ci95'][1]:+.1f})"
+        )
+        settings = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "config defaults"
+        coherent = row["final"]["inducing_coherent_rate"]
+        lines.append(
+            f"| {row['cell']} | {settings} | {len(row['seeds'])} | {_rate(final[row['inducing']])} "
+            f"| {_rate(final[row['control']])} | {diff_text} | "
+            + ("n/a" if coherent is None else f"{100 * coherent:.1f}%")
+            + f" | {'met' if row['criterion_met'] else 'not met'} |"
+        )
+    path = out / "grid.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(args: GridArguments) -> Path:
+    grid = load_grid(args.grid)
+    cells = [c for c in grid["cells"] if not args.cells or c["name"] in args.cells]
+    if unknown := set(args.cells) - {c["name"] for c in grid["cells"]}:
+        raise ValueError(f"No cells named {', '.join(sorted(unknown))} in {args.grid}.")
+    if not args.report_only:
+        for cell in cells:
+            run_cell(grid, cell)
+    path = write_grid_report(grid, tabulate(grid, grid["cells"]))
+    print(f"Grid report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(GridArguments).parse_args_into_dataclasses()[0])
