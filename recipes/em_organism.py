@@ -502,13 +502,11 @@ def write_arm_report(summary: dict, out: Path) -> None:
 
 def plot_arms(arms: dict[str, dict], path: Path, loss: list[dict] | None = None) -> None:
     """Misaligned rate (general and in-domain) vs step per arm, with intervals; the loss curve when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure of its own, no pyplot: the user's backend is left alone
 
     panels = 3 if loss else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(5 * panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, panels)
     for name, summary in arms.items():
         for ax, key in zip(axes, ("general", "indomain"), strict=False):
             points = [
@@ -532,7 +530,6 @@ def plot_arms(arms: dict[str, dict], path: Path, loss: list[dict] | None = None)
         axes[2].set_title("training loss")
         axes[2].set_xlabel("step")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
