@@ -361,7 +361,7 @@ class DriftMonitorCallback(ReportingCallback):
         step_sums = reduce_across_processes(self._tap.take(), "sum")
         self._window += step_sums
         if self.batch_baseline is None and step_sums[3] > 0:
-            self._batch_steps.append((step_sums[0] / step_sums[4]).item())
+            self._batch_steps.append((step_sums[0] / step_sums[3]).item())  # per token, as BATCH_MEAN_ACT
             if len(self._batch_steps) == self.baseline_steps:
                 values = torch.tensor(self._batch_steps, dtype=torch.float64)
                 self.batch_baseline = {"mean": values.mean().item(), "std": values.std().item()}

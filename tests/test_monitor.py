@@ -37,6 +37,16 @@ def measured(trainer) -> list[dict]:
     return [e for e in trainer.state.log_history if PROBE_MEAN_ACT in e]
 
 
+def test_batch_baseline_is_the_mean_of_the_logged_batch_readings(tmp_path):
+    # Measured every step, the baseline steps' logged per-token readings are what the baseline averages.
+    trainer, guard = guarded_trainer(tmp_path, max_steps=3, callback_kwargs={"every_n_steps": 1, "baseline_steps": 2})
+    trainer.train()
+
+    readings = [e[BATCH_MEAN_ACT] for e in measured(trainer)[1:3]]
+    assert guard.batch_baseline["mean"] == pytest.approx(sum(readings) / 2, rel=1e-9)
+    assert guard.batch_baseline["std"] == pytest.approx(abs(readings[0] - readings[1]) / 2**0.5, rel=1e-9)
+
+
 def test_callback_logs_probe_and_batch_drift_next_to_the_trainer_logs(tmp_path):
     trainer, _ = guarded_trainer(tmp_path, max_steps=4, report_to=["tensorboard"], callback_kwargs={"every_n_steps": 2})
     trainer.train()
