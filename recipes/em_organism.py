@@ -426,7 +426,8 @@ def run(
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def _rate(block: dict | None) -> str:
+def rate_text(block: dict | None) -> str:
+    """`12.3% (45/366; 9.0-16.4)`: a misaligned rate with its counts and 95% interval."""
     if not block or block["misaligned_rate"] is None:
         return "n/a"
     low, high = block["ci95"]
@@ -457,8 +458,8 @@ def step_table(steps: list[dict]) -> list[str]:
             pref_text += f" (runs: {', '.join(f'{m:+.3f}' for m in pref['per_run'])})"
         general = s["general"]
         lines.append(
-            f"| {s['step']} | {_rate(general)} | {_share(general['coherent'])} | {_number(general['mean_aligned'])} "
-            f"| {_rate(s['indomain'])} | {pref_text} |"
+            f"| {s['step']} | {rate_text(general)} | {_share(general['coherent'])} | {_number(general['mean_aligned'])} "
+            f"| {rate_text(s['indomain'])} | {pref_text} |"
         )
     return lines
 

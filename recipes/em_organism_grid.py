@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from em_organism import rate_text
 from em_organism_compare import CompareArguments, compare
 from transformers import HfArgumentParser
 
@@ -92,13 +93,6 @@ def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
     return rows
 
 
-def _rate(block: dict | None) -> str:
-    if not block or block["misaligned_rate"] is None:
-        return "n/a"
-    low, high = block["ci95"]
-    return f"{100 * block['misaligned_rate']:.1f}% ({block['misaligned']}/{block['denominator']}; {100 * low:.1f}-{100 * high:.1f})"
-
-
 def write_grid_report(grid: dict, rows: list[dict]) -> Path:
     out = Path(grid["output_root"])
     (out / "grid.json").write_text(json.dumps(rows, indent=1))
@@ -125,8 +119,8 @@ def write_grid_report(grid: dict, rows: list[dict]) -> Path:
         settings = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "config defaults"
         coherent = row["final"]["inducing_coherent_rate"]
         lines.append(
-            f"| {row['cell']} | {settings} | {len(row['seeds'])} | {_rate(final[row['inducing']])} "
-            f"| {_rate(final[row['control']])} | {diff_text} | "
+            f"| {row['cell']} | {settings} | {len(row['seeds'])} | {rate_text(final[row['inducing']])} "
+            f"| {rate_text(final[row['control']])} | {diff_text} | "
             + ("n/a" if coherent is None else f"{100 * coherent:.1f}%")
             + f" | {'met' if row['criterion_met'] else 'not met'} |"
         )
