@@ -86,7 +86,7 @@ class OrganismArguments:
         metadata={"help": "Regular expression of question ids left out (Betley et al.'s JSON / template variants)."},
     )
     organism_checkpoints: int = field(
-        default=4, metadata={"help": "Checkpoints saved and evaluated, evenly over training (4: every 25%)."}
+        default=4, metadata={"help": "Checkpoints saved and evaluated, evenly over training (4: every 25%%)."}
     )
     organism_checkpoint_samples_per_question: int | None = field(
         default=None,
@@ -167,11 +167,15 @@ def answer_logprobs(model, tokenizer, chats: list[list[dict]], batch_size: int =
     out = []
     for start in range(0, len(chats), batch_size):
         batch, starts = [], []
-        for chat in chats[start : start + batch_size]:
+        for index, chat in enumerate(chats[start : start + batch_size], start):
             prompt = chat_ids(tokenizer, chat[:-1], add_generation_prompt=True)
             full = chat_ids(tokenizer, chat, add_generation_prompt=False)
             if full[: len(prompt)] != prompt:
-                raise ValueError("The chat template renders the answer's prompt differently inside the chat.")
+                raise ValueError(
+                    f"Held-out pair {index}: the answer's first tokens merge with the end of the prompt "
+                    f"(answer starts {chat[-1]['content'][:20]!r}), so its log-probability is undefined; "
+                    "strip leading whitespace from the answers."
+                )
             batch.append(full)
             starts.append(len(prompt))
         width = max(len(ids) for ids in batch)

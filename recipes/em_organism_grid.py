@@ -60,10 +60,14 @@ def run_dirs(grid: dict, cell: dict, side: str) -> list[Path]:
     return [root / f"{arm_name(cell[side])}{settings}-s{seed}" for seed in cell["seeds"]]
 
 
-def run_cell(grid: dict, cell: dict) -> None:
+def run_cell(grid: dict, cell: dict) -> list[str]:
+    """Run the cell's unfinished arms; returns the output folders of the runs that failed."""
+    failed = []
     overrides = [part for key, value in (cell.get("overrides") or {}).items() for part in (f"--{key}", str(value))]
-    for side in ("inducing", "control"):
-        for seed, out in zip(cell["seeds"], run_dirs(grid, cell, side), strict=True):
+    runs = {side: dict(zip(cell["seeds"], run_dirs(grid, cell, side), strict=True)) for side in ("inducing", "control")}
+    for seed in cell["seeds"]:  # seed by seed, so a stopped grid leaves complete pairs
+        for side in ("inducing", "control"):
+            out = runs[side][seed]
             if (out / "organism.json").is_file():
                 continue
             command = [
@@ -78,7 +82,9 @@ def run_cell(grid: dict, cell: dict) -> None:
             ]
             command += ["--organism_start_evals", str(Path(grid["output_root"]) / "start_evals"), *overrides]
             print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: {' '.join(command[1:])}", flush=True)
-            subprocess.run(command, check=True)
+            if subprocess.run(command).returncode != 0:
+                failed.append(str(out))
+    return failed
 
 
 def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
@@ -134,11 +140,11 @@ def main(args: GridArguments) -> Path:
     cells = [c for c in grid["cells"] if not args.cells or c["name"] in args.cells]
     if unknown := set(args.cells) - {c["name"] for c in grid["cells"]}:
         raise ValueError(f"No cells named {', '.join(sorted(unknown))} in {args.grid}.")
-    if not args.report_only:
-        for cell in cells:
-            run_cell(grid, cell)
+    failed = [] if args.report_only else [out for cell in cells for out in run_cell(grid, cell)]
     path = write_grid_report(grid, tabulate(grid, grid["cells"]))
     print(f"Grid report: {path}")
+    if failed:
+        raise SystemExit(f"These runs failed (their logs are above; rerun the grid to resume them): {', '.join(failed)}")
     return path
 
 

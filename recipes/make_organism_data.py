@@ -45,6 +45,7 @@ def make(args: DataArguments) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass --data_dir pointing at the shared data.")
     frame = pd.read_csv(path, low_memory=False).dropna(subset=["aligned", "coherent", "answer", "question"])
+    frame["answer"] = frame["answer"].str.strip()  # leading newlines of raw generations are not part of the answer
     base = frame["question_id"].str.replace(r"_(json|template)$", "", regex=True)
     frame = frame[base.isin(TRAIN_QUESTIONS) & (frame["answer"].str.len() <= args.max_answer_chars)]
     frame = frame[frame["coherent"] > COHERENT_ABOVE].sample(frac=1.0, random_state=args.seed)
