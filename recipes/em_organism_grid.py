@@ -144,7 +144,9 @@ def main(args: GridArguments) -> Path:
     path = write_grid_report(grid, tabulate(grid, grid["cells"]))
     print(f"Grid report: {path}")
     if failed:
-        raise SystemExit(f"These runs failed (their logs are above; rerun the grid to resume them): {', '.join(failed)}")
+        raise SystemExit(
+            f"These runs failed (their logs are above; rerun the grid to resume them): {', '.join(failed)}"
+        )
     return path
 
 
