@@ -101,6 +101,7 @@ def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
 
 def write_grid_report(grid: dict, rows: list[dict]) -> Path:
     out = Path(grid["output_root"])
+    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(rows, indent=1))
     lines = [
         "# Model organism search",

@@ -162,16 +162,17 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     assert "Tokenizing train dataset" not in again.stderr  # no training the second time
 
 
-def test_arm_config_errors_name_the_fix(tmp_path):
-    config = yaml.safe_load((CONFIGS / "medical_bad.yaml").read_text())
-    config.pop("organism_good_data")
-    path = tmp_path / "arm.yaml"
-    path.write_text(yaml.safe_dump(config))
-    done = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "em_organism.py"), "--config", str(path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_a_failing_arm_names_the_fix_and_the_grid_runs_the_rest_then_fails(tmp_path):
+    cell = {"seeds": [0]}
+    for side in ("inducing", "control"):
+        config = yaml.safe_load((CONFIGS / "medical_bad.yaml").read_text()) | {"organism_arm": side}
+        config.pop("organism_good_data")
+        cell[side] = str(tmp_path / f"{side}.yaml")
+        Path(cell[side]).write_text(yaml.safe_dump(config))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"output_root": str(tmp_path / "out"), "cells": [{"name": "broken"} | cell]}))
+    done = _run_grid(grid)
     assert done.returncode != 0 and "Give both --organism_bad_data and --organism_good_data" in done.stderr
+    # Both runs were tried (the second after the first failed) and are named for the rerun.
+    assert done.stdout.count("broken: ") == 2 and "These runs failed" in done.stderr
+    assert (tmp_path / "out" / "grid.md").is_file()
