@@ -31,7 +31,10 @@ RECIPE = Path(__file__).with_name("em_organism.py")
 @dataclass
 class GridArguments:
     grid: str = field(metadata={"help": "The grid file (recipes/configs/organism/grid.yaml)."})
-    cells: list[str] = field(default_factory=list, metadata={"help": "Run only these cells (default: all)."})
+    cells: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Run only these cells, in this order (default: all, in the grid's order)."},
+    )
     report_only: bool = field(default=False, metadata={"help": "Tabulate finished cells, train nothing."})
 
 
@@ -138,9 +141,10 @@ def write_grid_report(grid: dict, rows: list[dict]) -> Path:
 
 def main(args: GridArguments) -> Path:
     grid = load_grid(args.grid)
-    cells = [c for c in grid["cells"] if not args.cells or c["name"] in args.cells]
-    if unknown := set(args.cells) - {c["name"] for c in grid["cells"]}:
+    by_name = {c["name"]: c for c in grid["cells"]}
+    if unknown := set(args.cells) - set(by_name):
         raise ValueError(f"No cells named {', '.join(sorted(unknown))} in {args.grid}.")
+    cells = [by_name[name] for name in args.cells] if args.cells else grid["cells"]
     failed = [] if args.report_only else [out for cell in cells for out in run_cell(grid, cell)]
     path = write_grid_report(grid, tabulate(grid, grid["cells"]))
     print(f"Grid report: {path}")
