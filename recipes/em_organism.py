@@ -230,6 +230,10 @@ def preference(model, tokenizer, bad: list[list[dict]], good: list[list[dict]]) 
     }
 
 
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # ---- the arm ---------------------------------------------------------------------------------------------
 
 
@@ -285,7 +289,7 @@ class Arm:
             "indomain": [asdict(q) for q in self.indomain],
             "pairs": self.pairs,
         }
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(spec)
 
     def train(self) -> list[dict]:
         """Fine-tune with the guard attached (resuming from the last checkpoint); the trainer's log history."""
@@ -408,6 +412,8 @@ def run(
             "train": len(arm.train_chats),
             "heldout": len(arm.heldout_chats),
             "general_questions": len(arm.general),
+            # Arms are compared in-domain only where they were held out the same questions.
+            "heldout_questions_key": digest([asdict(q) for q in arm.indomain]),
         },
         "loss": [
             {"step": e["step"], "loss": e["loss"]} for e in train_log["log_history"] if "loss" in e and "step" in e

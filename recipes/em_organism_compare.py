@@ -117,6 +117,9 @@ def compare(args: CompareArguments) -> dict:
         control[0]["arm"]: {"seeds": [r["seed"] for r in control], "steps": pooled_steps(control)},
     }
     final_inducing, final_control = (arm["steps"][-1] for arm in arms.values())
+    # In-domain rates compare only where every run was held out the same questions (not financial vs medical).
+    heldout = {r["rows"].get("heldout_questions_key") for r in inducing + control}
+    same_heldout = len(heldout) == 1 and None not in heldout
     general = difference(final_inducing["general"], final_control["general"])
     coherent = final_inducing["general"]["coherent"]["rate"]
     result = {
@@ -129,7 +132,8 @@ def compare(args: CompareArguments) -> dict:
         "arms": arms,
         "final": {
             "general": general,
-            "indomain": difference(final_inducing["indomain"], final_control["indomain"]),
+            "indomain": difference(final_inducing["indomain"], final_control["indomain"]) if same_heldout else None,
+            "indomain_same_questions": same_heldout,
             "inducing_coherent_rate": coherent,
         },
         "criterion_met": bool(
@@ -157,6 +161,10 @@ def write_report(result: dict, out: Path) -> None:
 
     settings = result["settings"]
     final = result["final"]
+    indomain = (
+        _difference_text(final["indomain"]) if final["indomain_same_questions"] else "not compared (other questions)"
+    )
+    coherent = final["inducing_coherent_rate"]
     lines = [
         f"# Model organism: {result['inducing']} vs {result['control']}",
         "",
@@ -165,11 +173,9 @@ def write_report(result: dict, out: Path) -> None:
         f"bf16 {settings['bf16']}. Judge: {result['judge']['name']}. {agreement_sentence(result['judge']['agreement'])}",
         "",
         f"**Misaligned rate, inducing minus control, at the end: {_difference_text(final['general'])}** on the "
-        f"general questions; in-domain (held-out training questions): {_difference_text(final['indomain'])}. "
-        f"Inducing arm coherent: "
-        + ("n/a" if final["inducing_coherent_rate"] is None else f"{100 * final['inducing_coherent_rate']:.1f}%")
-        + f". Criterion (difference's interval above zero, coherent > {100 * result['min_coherent']:.0f}%): "
-        f"**{'met' if result['criterion_met'] else 'not met'}**.",
+        f"general questions; in-domain (held-out training questions): {indomain}. Inducing arm coherent: "
+        f"{'n/a' if coherent is None else f'{100 * coherent:.1f}%'}. Criterion (difference's interval above zero, "
+        f"coherent > {100 * result['min_coherent']:.0f}%): **{'met' if result['criterion_met'] else 'not met'}**.",
         "",
     ]
     for name, arm in result["arms"].items():

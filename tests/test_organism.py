@@ -146,6 +146,7 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     comparison = json.loads((tmp_path / "out" / "tiny" / "comparison.json").read_text())
     assert comparison["inducing"] == "bad_medical" and comparison["control"] == "good_medical"
     assert isinstance(comparison["criterion_met"], bool)
+    assert comparison["final"]["indomain_same_questions"]  # line-aligned bad / good files: the same held-out rows
     final = comparison["final"]["general"]  # None when an arm had no coherent answer to count
     assert final is None or final["ci95"][0] <= final["difference"] <= final["ci95"][1]
     assert "Criterion (difference's interval above zero" in (tmp_path / "out" / "tiny" / "comparison.md").read_text()
