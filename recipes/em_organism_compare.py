@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from em_organism import adapter_text, plot_arms, step_table
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from geoguard.stats import rate_difference_interval, wilson_interval
 
@@ -186,4 +186,4 @@ def write_report(result: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    compare(HfArgumentParser(CompareArguments).parse_args_into_dataclasses()[0])
+    compare(*TrlParser(CompareArguments).parse_args_and_config())

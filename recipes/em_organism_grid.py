@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from em_organism import rate_text
 from em_organism_compare import CompareArguments, compare
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 RECIPE = Path(__file__).with_name("em_organism.py")
 
@@ -156,4 +156,4 @@ def main(args: GridArguments) -> Path:
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(GridArguments).parse_args_into_dataclasses()[0])
+    main(*TrlParser(GridArguments).parse_args_and_config())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from geoguard.judge_training import JUDGED_FILE
 
@@ -88,4 +88,4 @@ def make(args: DataArguments) -> dict:
 
 
 if __name__ == "__main__":
-    make(HfArgumentParser(DataArguments).parse_args_into_dataclasses()[0])
+    make(*TrlParser(DataArguments).parse_args_and_config())
