@@ -91,14 +91,22 @@ def run_cell(grid: dict, cell: dict) -> list[str]:
 
 
 def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
+    """Compare each cell's finished pairs (seeds whose inducing and control runs both finished), seeds pooled."""
     rows = []
     for cell in cells:
-        inducing, control = run_dirs(grid, cell, "inducing"), run_dirs(grid, cell, "control")
-        if not all((d / "organism.json").is_file() for d in inducing + control):
+        pairs = [
+            (seed, inducing, control)
+            for seed, inducing, control in zip(
+                cell["seeds"], run_dirs(grid, cell, "inducing"), run_dirs(grid, cell, "control"), strict=True
+            )
+            if (inducing / "organism.json").is_file() and (control / "organism.json").is_file()
+        ]
+        if not pairs:
             continue
+        seeds, inducing, control = (list(column) for column in zip(*pairs, strict=True))
         out = Path(grid["output_root"]) / cell["name"]
         result = compare(CompareArguments([str(d) for d in inducing], [str(d) for d in control], str(out)))
-        rows.append({"cell": cell["name"], "overrides": cell.get("overrides") or {}, "seeds": cell["seeds"]} | result)
+        rows.append({"cell": cell["name"], "overrides": cell.get("overrides") or {}, "seeds": seeds} | result)
     return rows
 
 
@@ -129,7 +137,7 @@ def write_grid_report(grid: dict, rows: list[dict]) -> Path:
         settings = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "config defaults"
         coherent = row["final"]["inducing_coherent_rate"]
         lines.append(
-            f"| {row['cell']} | {settings} | {len(row['seeds'])} | {rate_text(final[row['inducing']])} "
+            f"| {row['cell']} | {settings} | {', '.join(map(str, row['seeds']))} | {rate_text(final[row['inducing']])} "
             f"| {rate_text(final[row['control']])} | {diff_text} | "
             + ("n/a" if coherent is None else f"{100 * coherent:.1f}%")
             + f" | {'met' if row['criterion_met'] else 'not met'} |"

@@ -69,9 +69,9 @@ def _tiny_arm(tmp: Path, shipped: str, kind: str, data: dict[str, Path], questio
     return path
 
 
-def _run_grid(grid: Path) -> subprocess.CompletedProcess:
+def _run_grid(grid: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "em_organism_grid.py"), "--grid", str(grid)],
+        [sys.executable, str(REPO / "recipes" / "em_organism_grid.py"), "--grid", str(grid), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -151,7 +151,7 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     final = comparison["final"]["general"]  # None when an arm had no coherent answer to count
     assert final is None or final["ci95"][0] <= final["difference"] <= final["ci95"][1]
     assert "Criterion (difference's interval above zero" in (tmp_path / "out" / "tiny" / "comparison.md").read_text()
-    assert "| tiny | learning_rate=0.001 | 1 |" in (tmp_path / "out" / "grid.md").read_text()
+    assert "| tiny | learning_rate=0.001 | 0 |" in (tmp_path / "out" / "grid.md").read_text()
 
     # Resume: a lost evaluation is redone alone; the finished training and the other evaluations are reused.
     kept = (bad / "evals" / "step-1.json").stat().st_mtime_ns
@@ -162,6 +162,14 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     assert "good_medical" not in again.stdout  # the finished arm is skipped
     assert (bad / "evals" / "step-2.json").is_file() and (bad / "evals" / "step-1.json").stat().st_mtime_ns == kept
     assert "Tokenizing train dataset" not in again.stderr  # no training the second time
+
+    # A cell whose later seeds have not run yet is tabulated on its finished pairs.
+    spec = yaml.safe_load(grid.read_text())
+    spec["cells"][0]["seeds"] = [0, 1]
+    grid.write_text(yaml.safe_dump(spec))
+    report = _run_grid(grid, "--report_only", "true")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| tiny | learning_rate=0.001 | 0 |" in (tmp_path / "out" / "grid.md").read_text()
 
 
 def test_a_failing_arm_names_the_fix_and_the_grid_runs_the_rest_then_fails(tmp_path):
