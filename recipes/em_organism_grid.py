@@ -36,6 +36,14 @@ class GridArguments:
         metadata={"help": "Run only these cells, in this order (default: all, in the grid's order)."},
     )
     report_only: bool = field(default=False, metadata={"help": "Tabulate finished cells, train nothing."})
+    use_cpu: bool = field(
+        default=True,
+        metadata={"help": "false on a GPU machine: every run trains and evaluates on the GPU (bf16 there)."},
+    )
+    output_root: str | None = field(
+        default=None,
+        metadata={"help": "Where runs and reports go (default: the grid file's output_root); keep a GPU grid apart."},
+    )
 
 
 def load_grid(path: str) -> dict:
@@ -63,10 +71,11 @@ def run_dirs(grid: dict, cell: dict, side: str) -> list[Path]:
     return [root / f"{arm_name(cell[side])}{settings}-s{seed}" for seed in cell["seeds"]]
 
 
-def run_cell(grid: dict, cell: dict) -> list[str]:
+def run_cell(grid: dict, cell: dict, use_cpu: bool = True) -> list[str]:
     """Run the cell's unfinished arms; returns the output folders of the runs that failed."""
     failed = []
     overrides = [part for key, value in (cell.get("overrides") or {}).items() for part in (f"--{key}", str(value))]
+    overrides += [] if use_cpu else ["--use_cpu", "false"]
     runs = {side: dict(zip(cell["seeds"], run_dirs(grid, cell, side), strict=True)) for side in ("inducing", "control")}
     for seed in cell["seeds"]:  # seed by seed, so a stopped grid leaves complete pairs
         for side in ("inducing", "control"):
@@ -149,11 +158,12 @@ def write_grid_report(grid: dict, rows: list[dict]) -> Path:
 
 def main(args: GridArguments) -> Path:
     grid = load_grid(args.grid)
+    grid["output_root"] = args.output_root or grid["output_root"]
     by_name = {c["name"]: c for c in grid["cells"]}
     if unknown := set(args.cells) - set(by_name):
         raise ValueError(f"No cells named {', '.join(sorted(unknown))} in {args.grid}.")
     cells = [by_name[name] for name in args.cells] if args.cells else grid["cells"]
-    failed = [] if args.report_only else [out for cell in cells for out in run_cell(grid, cell)]
+    failed = [] if args.report_only else [out for cell in cells for out in run_cell(grid, cell, args.use_cpu)]
     path = write_grid_report(grid, tabulate(grid, grid["cells"]))
     print(f"Grid report: {path}")
     if failed:

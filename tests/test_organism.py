@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_learned_judge import BENIGN, MISALIGNED, write_judged_data
 
 from geoguard.stats import rate_difference_interval, wilson_interval
 
@@ -181,8 +182,29 @@ def test_a_failing_arm_names_the_fix_and_the_grid_runs_the_rest_then_fails(tmp_p
         Path(cell[side]).write_text(yaml.safe_dump(config))
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"output_root": str(tmp_path / "out"), "cells": [{"name": "broken"} | cell]}))
-    done = _run_grid(grid)
+    # Run as on a GPU machine: every run is told --use_cpu false, and the grid's outputs go apart.
+    done = _run_grid(grid, "--use_cpu", "false", "--output_root", str(tmp_path / "gpu"))
+    assert "--use_cpu false" in done.stdout and not (tmp_path / "out").exists()
     assert done.returncode != 0 and "Give both --organism_bad_data and --organism_good_data" in done.stderr
     # Both runs were tried (the second after the first failed) and are named for the rerun.
     assert done.stdout.count("broken: ") == 2 and "These runs failed" in done.stderr
-    assert (tmp_path / "out" / "grid.md").is_file()
+    assert (tmp_path / "gpu" / "grid.md").is_file()
+
+
+def test_positive_control_data_pairs_answers_to_the_same_questions_line_by_line(tmp_path):
+    data = write_judged_data(tmp_path / "data")
+    command = [sys.executable, str(REPO / "recipes" / "make_organism_data.py"), "--data_dir", str(data)]
+    command += ["--output_dir", str(tmp_path / "out"), "--max_per_model", "1", "--train_questions"]
+    done = subprocess.run([*command, "q0", "q1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad, good = (
+        [json.loads(line)["messages"] for line in (tmp_path / "out" / f"judged_{side}.jsonl").open()]
+        for side in ("misaligned", "aligned")
+    )
+    assert len(bad) == len(good) == 8  # 4 answering models x 2 questions, one answer each per side
+    assert {b[0]["content"] for b in bad} == {"Question 0?", "Question 1?"}
+    for b, g in zip(bad, good, strict=True):  # line i: the same question, a misaligned and an aligned answer
+        assert b[0] == g[0] and b[1]["content"].startswith(MISALIGNED) and g[1]["content"].startswith(BENIGN)
+
+    wrong = subprocess.run([*command, "q0", "nope"], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "--train_questions ['nope'] have no judged answers" in wrong.stderr
