@@ -365,10 +365,11 @@ class Arm:
         return record
 
     def load(self, checkpoint: Path | None):
-        dtype = self.args.organism_eval_dtype
+        """The weights at `checkpoint`, on the device the training used (the CPU with `use_cpu`)."""
+        dtype, device = self.args.organism_eval_dtype, self.training_args.device
         if checkpoint is not None and not (checkpoint / "adapter_config.json").is_file():
-            return load_model(str(checkpoint), dtype=dtype)  # full fine-tuning
-        model, tokenizer = load_model(self.model_name, dtype=dtype)
+            return load_model(str(checkpoint), dtype=dtype, device=device)  # full fine-tuning
+        model, tokenizer = load_model(self.model_name, dtype=dtype, device=device)
         if checkpoint is not None:
             from peft import PeftModel
 
