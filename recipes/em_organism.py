@@ -125,6 +125,11 @@ def split_rows(n_rows: int, heldout: int, train: int | None, seed: int) -> tuple
 
 
 def read_chats(path: str) -> list[list[dict]]:
+    if path.endswith(".jsonl") and not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist. The positive controls' data is written by recipes/make_organism_data.py "
+            "(the arm's config names the command in its header); the others' is in ../shared/data."
+        )
     rows = load_rows(path)
     if "messages" not in rows.column_names:
         raise ValueError(f"{path} needs a 'messages' column of chats; it has {rows.column_names}.")

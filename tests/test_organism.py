@@ -208,3 +208,13 @@ def test_positive_control_data_pairs_answers_to_the_same_questions_line_by_line(
 
     wrong = subprocess.run([*command, "q0", "nope"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "--train_questions ['nope'] have no judged answers" in wrong.stderr
+
+
+def test_a_missing_data_file_names_the_command_that_writes_it(tmp_path):
+    missing = tmp_path / "first_plot" / "judged_misaligned.jsonl"
+    command = [sys.executable, str(REPO / "recipes" / "em_organism.py")]
+    command += ["--config", str(CONFIGS / "judged_misaligned_first_plot.yaml"), "--output_dir", str(tmp_path / "run")]
+    command += ["--organism_train_data", str(missing), "--organism_bad_data", str(missing)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and f"{missing} does not exist" in done.stderr
+    assert "recipes/make_organism_data.py" in done.stderr
