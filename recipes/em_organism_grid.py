@@ -6,7 +6,8 @@ The grid file lists cells; each cell is an inducing arm's config, its control's,
 override both configs (a learning rate, `use_peft: false` for full fine-tuning, ...). Cells run in order, each
 run as `recipes/em_organism.py` in its own process under `<output_root>/runs/<arm><overrides>-s<seed>/` (cells
 that need the same run share it); a finished run (its `organism.json` exists) is skipped and an interrupted one resumes from its last checkpoint, so the
-search goes on where it stopped. `--cells a b` runs only those; `--report_only true` only tabulates. Each cell's
+search goes on where it stopped. `--cells a b` runs only those; `--report_only true` only tabulates; on a GPU
+machine, `--use_cpu false --output_root outputs/organism_gpu` runs there and keeps its results apart. Each cell's
 `comparison.md` sets its arms side by side (`recipes/em_organism_compare.py`); `<output_root>/grid.md` and
 `grid.json` list every finished cell: settings, rates with intervals, coherence and the criterion.
 """
