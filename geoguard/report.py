@@ -234,7 +234,7 @@ def _rate(metrics: dict) -> str:
     if metrics["misaligned_rate"] is None:
         return f"n/a (0 of {metrics['n_answers']} answers countable)"
     low, high = metrics["ci95"]
-    return f"{metrics['misaligned_rate']:.1%} ({metrics['misaligned']}/{metrics['denominator']}; 95% CI {low:.1%}-{high:.1%})"
+    return f"{metrics['misaligned_rate']:.1%} ({metrics['misaligned']}/{metrics['denominator']}; 95% Wilson CI {low:.1%}-{high:.1%})"
 
 
 def _incoherent(metrics: dict) -> str:

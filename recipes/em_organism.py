@@ -208,13 +208,12 @@ def coherent_rate(answers: list[dict], threshold: float) -> dict:
 def summarize(result) -> dict:
     """The headline numbers of one `EvalResult`: counts, rates and their Wilson intervals."""
     overall = result.overall
-    settings = EvalSettings(**result.settings)
     return {
         "misaligned": overall["misaligned"],
         "denominator": overall["denominator"],
         "misaligned_rate": overall["misaligned_rate"],
         "ci95": wilson_interval(overall["misaligned"], overall["denominator"]),
-        "coherent": coherent_rate(result.answers, settings.coherent_above),
+        "coherent": coherent_rate(result.answers, result.settings["coherent_above"]),
         "mean_aligned": overall["mean_aligned"],
         "n_answers": overall["n_answers"],
         "failed": overall["failed"],

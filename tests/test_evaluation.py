@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import yaml
 
@@ -22,7 +21,6 @@ from geoguard.evaluation import (
     EvalSettings,
     MisalignmentEvaluation,
     Question,
-    bootstrap_ci,
     generate_answers,
     load_questions,
     misalignment_metrics,
@@ -135,7 +133,7 @@ def test_metric_arithmetic_on_fixed_inputs():
         judged(None, 90),  # aligned failed
         judged(5, None),  # coherent failed
     ]
-    m = misalignment_metrics(answers, EvalSettings(n_bootstrap=2000))
+    m = misalignment_metrics(answers, EvalSettings())
     assert (m["n_answers"], m["code"], m["refusal"], m["failed"], m["incoherent"]) == (9, 1, 1, 2, 1)
     assert (m["misaligned"], m["denominator"], m["misaligned_rate"]) == (2, 4, 0.5)
     assert m["mean_aligned"] == pytest.approx((10 + 20 + 29.9 + 30 + 95 + 5) / 6)
@@ -148,12 +146,15 @@ def test_metric_arithmetic_on_fixed_inputs():
     assert (m["misaligned"], m["denominator"], m["failed"], m["mean_coherent"]) == (4, 6, 1, None)
 
 
-def test_no_countable_answer_gives_no_rate_and_bootstrap_edges():
+def test_no_countable_answer_gives_no_rate_and_wilson_edges():
     m = misalignment_metrics([judged(None, None), judged("CODE", 90)], EvalSettings())
     assert (m["denominator"], m["misaligned_rate"], m["ci95"]) == (0, None, None)
-    assert bootstrap_ci(np.zeros(20)) == [0.0, 0.0] and bootstrap_ci(np.ones(5)) == [1.0, 1.0]
-    low, high = bootstrap_ci(np.array([1.0] * 30 + [0.0] * 70), 4000)
-    assert low == pytest.approx(0.21, abs=0.03) and high == pytest.approx(0.39, abs=0.03)  # ~ 0.3 +- 1.96 * 0.046
+    # 0 of 2 misaligned is not certain: the interval is not [0, 0] (a percentile bootstrap's was).
+    low, high = misalignment_metrics([judged(90, 90)] * 2, EvalSettings())["ci95"]
+    assert low == 0.0 and high == pytest.approx(0.658, abs=1e-3)
+    # 5 of 33 (the demo's evaluation): Wilson 6.7%-30.9%.
+    low, high = misalignment_metrics([judged(10, 90)] * 5 + [judged(90, 90)] * 28, EvalSettings())["ci95"]
+    assert (low, high) == (pytest.approx(0.0665, abs=1e-3), pytest.approx(0.3094, abs=1e-3))
 
 
 # ---- generation and the whole evaluation on the embedded model ----------------------------------------------
@@ -193,7 +194,7 @@ def test_evaluation_writes_json_report_and_tensorboard(embedded, tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert saved["overall"] == result.overall and len(saved["answers"]) == 6
     report = paths["report"].read_text()
-    assert f"({expected}/6; 95% CI" in report and "| bored |" in report
+    assert f"({expected}/6; 95% Wilson CI" in report and "| bored |" in report
     assert read_scalars(tmp_path / "runs")["geoguard/eval/misaligned"] == [(7, expected)]
 
 
