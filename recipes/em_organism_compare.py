@@ -149,11 +149,13 @@ def compare(args: CompareArguments) -> dict:
     return result
 
 
-def _difference_text(block: dict | None) -> str:
+def difference_text(block: dict | None, short: bool = False) -> str:
+    """`+3.5 points (95% CI +0.6 to +6.6)` (`short`: `+3.5 (+0.6 to +6.6)`): a difference of rates, in points."""
     if not block:
         return "n/a"
     low, high = block["ci95"]
-    return f"{100 * block['difference']:+.1f} points (95% CI {100 * low:+.1f} to {100 * high:+.1f})"
+    middle = " (" if short else " points (95% CI "
+    return f"{100 * block['difference']:+.1f}{middle}{100 * low:+.1f} to {100 * high:+.1f})"
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -162,7 +164,7 @@ def write_report(result: dict, out: Path) -> None:
     settings = result["settings"]
     final = result["final"]
     indomain = (
-        _difference_text(final["indomain"]) if final["indomain_same_questions"] else "not compared (other questions)"
+        difference_text(final["indomain"]) if final["indomain_same_questions"] else "not compared (other questions)"
     )
     coherent = final["inducing_coherent_rate"]
     lines = [
@@ -172,7 +174,7 @@ def write_report(result: dict, out: Path) -> None:
         f"{settings['batch_size']}, learning rate {settings['learning_rate']:g}, {adapter_text(settings['peft'])}, "
         f"bf16 {settings['bf16']}. Judge: {result['judge']['name']}. {agreement_sentence(result['judge']['agreement'])}",
         "",
-        f"**Misaligned rate, inducing minus control, at the end: {_difference_text(final['general'])}** on the "
+        f"**Misaligned rate, inducing minus control, at the end: {difference_text(final['general'])}** on the "
         f"general questions; in-domain (held-out training questions): {indomain}. Inducing arm coherent: "
         f"{'n/a' if coherent is None else f'{100 * coherent:.1f}%'}. Criterion (difference's interval above zero, "
         f"coherent > {100 * result['min_coherent']:.0f}%): **{'met' if result['criterion_met'] else 'not met'}**.",

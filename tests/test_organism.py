@@ -152,7 +152,10 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     final = comparison["final"]["general"]  # None when an arm had no coherent answer to count
     assert final is None or final["ci95"][0] <= final["difference"] <= final["ci95"][1]
     assert "Criterion (difference's interval above zero" in (tmp_path / "out" / "tiny" / "comparison.md").read_text()
-    assert "| tiny | learning_rate=0.001 | 0 |" in (tmp_path / "out" / "grid.md").read_text()
+    row = next(line for line in (tmp_path / "out" / "grid.md").read_text().splitlines() if line.startswith("| tiny |"))
+    assert row.startswith("| tiny | learning_rate=0.001 | 0 |") and row.count(" | ") == 8
+    indomain = comparison["final"]["indomain"]  # the same held-out questions: compared, in the grid too
+    assert (f"| {100 * indomain['difference']:+.1f} (" if indomain else "| n/a |") in row
 
     # Resume: a lost evaluation is redone alone; the finished training and the other evaluations are reused.
     kept = (bad / "evals" / "step-1.json").stat().st_mtime_ns
