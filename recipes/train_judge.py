@@ -9,7 +9,8 @@
 2. embed each (question, answer) with all-MiniLM-L6-v2 (cached under `--cache_dir`; about 12 minutes for the
    default 35,000 answers on a 2-core CPU, seconds when cached);
 3. validate: every row predicted by heads trained without its answering model (leave-one-model-out), then
-   without its source (leave-one-source-out); agreement with GPT-4o per held-out group and pooled;
+   without its source (leave-one-source-out), then without its question topic (leave-one-topic-out: the eight
+   first-plot questions and "other"); agreement with GPT-4o per held-out group and pooled;
 4. train the heads on every GPT-4o-judged row and write `heads.safetensors`, `card.json` and `CARD.md`.
 
 Rows judged by another reference (deepseek-chat) are never trained on; the card reports agreement with them
@@ -60,7 +61,9 @@ class TrainJudgeArguments(DataDirArguments):
         },
     )
     epochs: int = field(default=10, metadata={"help": "Passes over the training answers."})
-    validate: bool = field(default=True, metadata={"help": "Run the held-out validation (by model and by source)."})
+    validate: bool = field(
+        default=True, metadata={"help": "Run the held-out validation (by model, by source, by question topic)."}
+    )
     cache_dir: str = field(default="outputs/judge/cache", metadata={"help": "Embedding cache ('' for none)."})
     seed: int = field(default=0, metadata={"help": "Seed of the row sample and of training."})
 
@@ -77,7 +80,10 @@ def main(args: TrainJudgeArguments) -> None:
 
     validation, calibration = {}, None
     if args.validate:
-        for by in ("model", "source"):
+        for by in ("model", "source", "topic"):
+            if train[by].nunique() < 2:
+                print(f"Not validated by {by}: every answer has the same {by}.")
+                continue
             predicted = out_of_fold(x, train, by, fit)
             validation[f"by_{by}"] = agreement_by_group(train, predicted, by)
             if by == "model":
@@ -135,8 +141,9 @@ def main(args: TrainJudgeArguments) -> None:
             "the demo's SmolLM2-135M fine-tune, the answers it called misaligned read as incoherent rambling rather "
             "than misaligned, i.e. its coherent score is too generous there. Read rates on small models with the "
             "answers in the report.",
-            "Agreement with GPT-4o is measured on held-out answering models of these sources; a new model "
-            "family or a new question set can be judged worse. Re-validate with `geoguard judge` on a sample "
+            "Agreement with GPT-4o is measured on held-out answering models, sources and question topics of these "
+            "data (most answers are to the eight first-plot questions); a new model family or a new question set "
+            "can be judged worse. Re-validate with `geoguard judge` on a sample "
             "judged by GPT-4o before relying on a rate.",
         ],
         "config": asdict(args) | {"data_dir": None, "output_dir": None, "cache_dir": None},
