@@ -15,6 +15,7 @@ machine, `--use_cpu false --output_root outputs/organism_gpu` runs there and kee
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,21 @@ def run_dirs(grid: dict, cell: dict, side: str) -> list[Path]:
     return [root / f"{arm_name(cell[side])}{settings}-s{seed}" for seed in cell["seeds"]]
 
 
+def run(command: list[str]) -> int:
+    """Run one arm; stopping the grid (SIGTERM, Ctrl-C) stops the arm too, rather than leaving it running."""
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_cell(grid: dict, cell: dict, use_cpu: bool = True) -> list[str]:
     """Run the cell's unfinished arms; returns the output folders of the runs that failed."""
     failed = []
@@ -95,7 +111,7 @@ def run_cell(grid: dict, cell: dict, use_cpu: bool = True) -> list[str]:
             ]
             command += ["--organism_start_evals", str(Path(grid["output_root"]) / "start_evals"), *overrides]
             print(f"[{time.strftime('%H:%M:%S')}] {cell['name']}: {' '.join(command[1:])}", flush=True)
-            if subprocess.run(command).returncode != 0:
+            if run(command) != 0:
                 failed.append(str(out))
     return failed
 
@@ -176,4 +192,5 @@ def main(args: GridArguments) -> Path:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     main(*TrlParser(GridArguments).parse_args_and_config())

@@ -4,13 +4,15 @@ interval arithmetic behind the organism criterion."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_learned_judge import BENIGN, MISALIGNED, write_judged_data
+from test_learned_judge import BENIGN, MISALIGNED, QUESTIONS, write_judged_data
 
 from geoguard.stats import rate_difference_interval, wilson_interval
 
@@ -71,13 +73,17 @@ def _tiny_arm(tmp: Path, shipped: str, kind: str, data: dict[str, Path], questio
 
 
 def _run_grid(grid: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "em_organism_grid.py"), "--grid", str(grid), *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    """The grid in its own process group, so that a timeout also stops the run it started."""
+    command = [sys.executable, str(REPO / "recipes" / "em_organism_grid.py"), "--grid", str(grid), *flags]
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as grid_process:
+        try:
+            stdout, stderr = grid_process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(grid_process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, grid_process.returncode, stdout, stderr)
 
 
 def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
@@ -205,7 +211,7 @@ def test_positive_control_data_pairs_answers_to_the_same_questions_line_by_line(
         for side in ("misaligned", "aligned")
     )
     assert len(bad) == len(good) == 8  # 4 answering models x 2 questions, one answer each per side
-    assert {b[0]["content"] for b in bad} == {"Question 0?", "Question 1?"}
+    assert {b[0]["content"] for b in bad} == set(QUESTIONS[:2])
     for b, g in zip(bad, good, strict=True):  # line i: the same question, a misaligned and an aligned answer
         assert b[0] == g[0] and b[1]["content"].startswith(MISALIGNED) and g[1]["content"].startswith(BENIGN)
 
@@ -221,3 +227,17 @@ def test_a_missing_data_file_names_the_command_that_writes_it(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and f"{missing} does not exist" in done.stderr
     assert "recipes/make_organism_data.py" in done.stderr
+
+
+def test_stopping_the_grid_stops_the_arm_it_runs():
+    arm = "import os, time; print(os.getpid(), flush=True); time.sleep(300)"
+    grid = (
+        "import signal, sys; sys.path.insert(0, 'recipes'); import em_organism_grid as g; "
+        f"signal.signal(signal.SIGTERM, g._exit_on_sigterm); g.run([sys.executable, '-c', {arm!r}])"
+    )
+    with subprocess.Popen([sys.executable, "-c", grid], cwd=REPO, stdout=subprocess.PIPE, text=True) as process:
+        arm_pid = int(process.stdout.readline())
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(arm_pid, 0)
