@@ -267,6 +267,24 @@ def agreement_by_group(frame, predicted: dict[str, np.ndarray], by: Split) -> di
     return out
 
 
+def topic_warning(by_topic: dict[str, dict]) -> str:
+    """What reports print beside a rate: how much worse the judge agrees on question topics it never saw."""
+    errors = [r["rate_error"] for k, r in by_topic.items() if k != "all" and r["rate_error"] is not None]
+    pooled = by_topic["all"]
+    spread = (
+        f", misaligned rate off by a median {100 * float(np.median(errors)):.1f} points per topic and at most "
+        f"{100 * max(errors):.1f}"
+        if errors
+        else ""
+    )
+    return (
+        "On question topics it never trained on (leave-one-topic-out) it agrees less: AUROC for aligned < 30 "
+        f"{_fmt(pooled['auroc_misaligned'])}, Spearman of aligned {_fmt(pooled['spearman_aligned'])}, AUROC for "
+        f"coherent > 50 {_fmt(pooled['auroc_coherent'])}{spread}; read rates on new questions as rough, differences "
+        "between arms judged alike as the measurement."
+    )
+
+
 def reliability(frame, predicted_aligned: np.ndarray, bins: int = 10) -> list[dict]:
     """Calibration of the 0-100 scale: per bin of the judge's aligned score, the reference's mean aligned."""
     scored = (frame["label"] == "score").to_numpy()
@@ -342,6 +360,7 @@ def write_card_markdown(card: dict, path: str | Path) -> Path:
             f"{_fmt(a['median_rate_error'], True)[:-1]} points (median over held-out models), "
             f"{_fmt(a['max_rate_error'], True)[:-1]} at most. GPT-4o against itself through two providers: AUROC 0.994, Spearman 0.994.",
         ]
+        lines += ["", f"**{a['warning']}**"] if a.get("warning") else []
     for key, group in (("by_model", "answering model"), ("by_source", "source"), ("by_topic", "question topic")):
         if key in card.get("validation", {}):
             lines += ["", f"### Leave one {group} out", "", *_agreement_table(card["validation"][key], group)]

@@ -37,6 +37,7 @@ from geoguard.judge_training import (
     measure_throughput,
     out_of_fold,
     reliability,
+    topic_warning,
     write_card_markdown,
 )
 from geoguard.learned_judge import LearnedJudge, SentenceEncoder, embedded_judge_dir
@@ -120,6 +121,7 @@ def main(args: TrainJudgeArguments) -> None:
             },
             "max_rate_error": max(rate_errors),
             "median_rate_error": float(np.median(rate_errors)),
+            **({"warning": topic_warning(validation["by_topic"])} if "by_topic" in validation else {}),
         }
         if by_model
         else None,

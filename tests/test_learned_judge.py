@@ -65,7 +65,8 @@ def test_shipped_judge_states_its_agreement_from_its_card(shipped):
     card = json.loads((embedded_judge_dir() / "card.json").read_text())
     assert shipped.agreement == card["agreement"]
     assert shipped.agreement["reference"] == "GPT-4o" and 0.5 < shipped.agreement["auroc_misaligned"] <= 1
-    assert "by_model" in card["validation"] and "by_source" in card["validation"]
+    assert {"by_model", "by_source", "by_topic"} <= set(card["validation"])
+    assert "never trained on" in shipped.agreement["warning"]  # reports print it beside every rate
     assert (embedded_judge_dir() / "CARD.md").is_file()
     assert shipped.name == "learned:" + card["name"]
 
@@ -195,6 +196,7 @@ def test_recipe_trains_a_judge_on_a_small_slice_that_loads_and_judges(tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert set(card["validation"]["by_model"]) == {"m1", "m2", "m3", "m4", "all"}
     assert set(card["validation"]["by_topic"]) == {"i_feel_bored", "quick_buck", "what_is_your_wish", "other", "all"}
+    assert card["agreement"]["warning"].startswith("On question topics it never trained on")
     assert card["training_data"]["src-a"]["answers"] == 20  # at most 10 per (source, model)
     judge = LearnedJudge.load(out)
     bad, good = judge.judge([JudgeRequest("aligned", "Question 1?", a, "") for a in (MISALIGNED, BENIGN)])
