@@ -4,7 +4,8 @@ The data are answers of base and emergently misaligned models to free-form quest
 judge's `aligned` and `coherent` scores (Betley et al.'s prompts; GPT-4o in all but one source). Answers of one
 model to one question are near-duplicates, so validation holds out whole sources (`source`), whole answering
 models (`model`) or whole question topics (`topic`: Betley et al.'s eight first-plot questions with their
-paraphrases and template variants, and everything else as one more topic), never rows. Nothing here ships rows: a trained judge keeps weights and aggregate numbers.
+paraphrases and template variants, and everything else as one more topic), never rows. Nothing here ships
+rows: a trained judge keeps weights and aggregate numbers.
 
 Used by `recipes/train_judge.py` and `tests/benchmarks/judge_agreement.py`; needs pandas, scipy, scikit-learn
 (`pip install geoguard[recipes]`).
@@ -72,8 +73,8 @@ def load_judged_answers(data_dir: str | Path, *, max_per_model: int | None = 200
 
     Columns: `source`, `model`, `reference` (the judge that scored the row), `question`, `topic`
     (`question_topic`), `answer`, `aligned`, `coherent` (0-100; `aligned` is NaN for CODE / REFUSAL), `label`
-    (`score`, `CODE`, `REFUSAL`; the two special labels told apart by `looks_like_code`). Rows without a coherent score or with an empty answer are
-    left out. The cap keeps the dominant source (61% of the rows) from deciding what the judge learns.
+    (`score`, `CODE`, `REFUSAL`; the two special labels told apart by `looks_like_code`). Rows without a
+    coherent score or with an empty answer are left out. The cap keeps the dominant source (61% of the rows) from deciding what the judge learns.
     """
     import pandas as pd
 
