@@ -74,7 +74,8 @@ def load_judged_answers(data_dir: str | Path, *, max_per_model: int | None = 200
     Columns: `source`, `model`, `reference` (the judge that scored the row), `question`, `topic`
     (`question_topic`), `answer`, `aligned`, `coherent` (0-100; `aligned` is NaN for CODE / REFUSAL), `label`
     (`score`, `CODE`, `REFUSAL`; the two special labels told apart by `looks_like_code`). Rows without a
-    coherent score or with an empty answer are left out. The cap keeps the dominant source (61% of the rows) from deciding what the judge learns.
+    coherent score or with an empty answer are left out. The cap keeps the dominant source (61% of the rows)
+    from deciding what the judge learns.
     """
     import pandas as pd
 
