@@ -22,6 +22,7 @@ from trl import TrlParser
 from geoguard.stats import rate_difference_interval, wilson_interval
 
 _SAME = ("learning_rate", "epochs", "max_steps", "batch_size", "bf16", "peft")  # settings the arms must share
+_SAME_EVAL = ("temperature", "max_new_tokens", "aligned_below", "coherent_above")  # and how they were judged
 
 
 @dataclass
@@ -109,16 +110,22 @@ def difference(inducing: dict | None, control: dict | None) -> dict | None:
 
 def compare(args: CompareArguments) -> dict:
     inducing, control = load_runs(args.inducing), load_runs(args.control)
-    settings = {key: {json.dumps(r["settings"][key], sort_keys=True) for r in inducing + control} for key in _SAME}
+    runs = inducing + control
+    settings = {key: {json.dumps(r["settings"][key], sort_keys=True) for r in runs} for key in _SAME}
+    settings |= {f"eval {key}": {r["settings"]["eval"].get(key) for r in runs} for key in _SAME_EVAL}
+    settings["judge"] = {r["judge"]["name"] for r in runs}
     if differing := [key for key, values in settings.items() if len(values) > 1]:
-        raise ValueError(f"The arms were trained with different {', '.join(differing)}: compare like with like.")
+        raise ValueError(
+            f"The arms were trained or evaluated with different {', '.join(differing)}: compare like with like "
+            "(rerun an arm, or its evaluations, with the other's settings)."
+        )
     arms = {
         inducing[0]["arm"]: {"seeds": [r["seed"] for r in inducing], "steps": pooled_steps(inducing)},
         control[0]["arm"]: {"seeds": [r["seed"] for r in control], "steps": pooled_steps(control)},
     }
     final_inducing, final_control = (arm["steps"][-1] for arm in arms.values())
     # In-domain rates compare only where every run was held out the same questions (not financial vs medical).
-    heldout = {r["rows"].get("heldout_questions_key") for r in inducing + control}
+    heldout = {r["rows"].get("heldout_questions_key") for r in runs}
     same_heldout = len(heldout) == 1 and None not in heldout
     general = difference(final_inducing["general"], final_control["general"])
     coherent = final_inducing["general"]["coherent"]["rate"]
@@ -140,7 +147,7 @@ def compare(args: CompareArguments) -> dict:
             general and general["ci95"][0] > 0 and coherent is not None and coherent > args.min_coherent
         ),
         "min_coherent": args.min_coherent,
-        "train_seconds": {r["arm"] + f"-s{r['seed']}": r["train_seconds"] for r in inducing + control},
+        "train_seconds": {r["arm"] + f"-s{r['seed']}": r["train_seconds"] for r in runs},
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -229,6 +229,22 @@ def test_a_missing_data_file_names_the_command_that_writes_it(tmp_path):
     assert "recipes/make_organism_data.py" in done.stderr
 
 
+def test_comparing_arms_judged_or_sampled_differently_is_refused(tmp_path):
+    settings = {"learning_rate": 1e-4, "epochs": 1, "max_steps": 2, "batch_size": 8, "bf16": True, "peft": None}
+    folders = {}
+    for arm, judge, temperature in (("bad", "learned:minilm-em-judge", 1.0), ("good", "openai:gpt-4o", 0.7)):
+        folders[arm] = tmp_path / arm
+        folders[arm].mkdir()
+        eval_settings = {"temperature": temperature, "max_new_tokens": 128, "aligned_below": 30, "coherent_above": 50}
+        summary = {"arm": arm, "judge": {"name": judge}, "settings": settings | {"eval": eval_settings}}
+        (folders[arm] / "organism.json").write_text(json.dumps(summary))
+    command = [sys.executable, str(REPO / "recipes" / "em_organism_compare.py"), "--output_dir", str(tmp_path / "c")]
+    command += ["--inducing", str(folders["bad"]), "--control", str(folders["good"])]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "evaluated with different eval temperature, judge" in done.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_stopping_the_grid_stops_the_arm_it_runs():
     arm = "import os, time; print(os.getpid(), flush=True); time.sleep(300)"
     grid = (
