@@ -25,7 +25,13 @@ side by side (seeds pooled) with the interval of their difference.
         --control outputs/organism/medical_good-s0 --output_dir outputs/organism/medical
 
 Any setting is one flag away (`--seed 1 --output_dir outputs/organism/medical_bad-s1`, `--learning_rate 2e-4`,
-`--use_peft false` for full fine-tuning).
+`--use_peft false` for full fine-tuning). A finished run's checkpoints can be evaluated again on fresh answers,
+to test a pattern seen in its first ones on answers that did not suggest it (no training; the start is
+evaluated again with the new seed too):
+
+    python recipes/em_organism.py --config recipes/configs/organism/medical_bad.yaml --learning_rate 1e-4 \
+        --organism_evaluate_run outputs/organism/runs/bad_medical-learning_rate=0.0001-s0 \
+        --organism_eval_steps 63 --geoguard_eval_seed 1 --output_dir outputs/organism/confirm/bad_medical-s0
 """
 
 from __future__ import annotations
@@ -102,6 +108,17 @@ class OrganismArguments:
     organism_eval_dtype: str = field(
         default="bfloat16", metadata={"help": "Weights' dtype while answering (bfloat16 is faster on CPU)."}
     )
+    organism_evaluate_run: str | None = field(
+        default=None,
+        metadata={
+            "help": "A finished run (same config and overrides) whose checkpoints are evaluated instead of training: "
+            "fresh answers (another --geoguard_eval_seed) to test a pattern seen in its own. Outputs go to --output_dir."
+        },
+    )
+    organism_eval_steps: list[int] | None = field(
+        default=None,
+        metadata={"help": "Evaluate only these checkpoint steps and the start; the last with the full sample count."},
+    )
 
     def __post_init__(self):
         if not self.organism_eval_questions:
@@ -110,6 +127,8 @@ class OrganismArguments:
             raise ValueError("--organism_checkpoints must be >= 1 and --organism_heldout_rows >= 0.")
         if (self.organism_bad_data is None) != (self.organism_good_data is None):
             raise ValueError("Give both --organism_bad_data and --organism_good_data (line-aligned), or neither.")
+        if self.organism_eval_steps is not None and min(self.organism_eval_steps, default=0) < 1:
+            raise ValueError("--organism_eval_steps takes checkpoint steps (>= 1), e.g. --organism_eval_steps 63.")
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -327,9 +346,31 @@ class Arm:
         process_state().wait_for_everyone()
         return log
 
+    def trained(self) -> list[dict]:
+        """The trainer's log history: this arm's training, or that of the run whose checkpoints it evaluates."""
+        if not (run := self.args.organism_evaluate_run):
+            return self.train()
+        path = Path(run) / "organism.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: finish that run before evaluating its checkpoints.")
+        trained = json.loads(path.read_text())
+        mine = {"seed": self.training_args.seed, "learning_rate": self.training_args.learning_rate}
+        mine |= {k: getattr(self.args, k) for k in ("organism_train_data", "organism_train_rows", "organism_data_seed")}
+        theirs = {"seed": trained["seed"]} | trained["settings"] | trained["settings"]["organism"]
+        if differing := [k for k, value in mine.items() if theirs[k] != value]:
+            raise ValueError(
+                f"{run} was trained with other {', '.join(differing)}: give the config and overrides it ran with."
+            )
+        return json.loads((Path(run) / "train_log.json").read_text())
+
     def checkpoints(self) -> dict[int, Path | None]:
-        """Step -> checkpoint folder (`None`: the starting weights)."""
-        found = {int(p.name.split("-")[1]): p for p in self.output_dir.glob("checkpoint-*") if p.is_dir()}
+        """Step -> checkpoint folder (`None`: the starting weights), those of `--organism_eval_steps` if given."""
+        folder = Path(self.args.organism_evaluate_run or self.output_dir)
+        found = {int(p.name.split("-")[1]): p for p in folder.glob("checkpoint-*") if p.is_dir()}
+        if (steps := self.args.organism_eval_steps) is not None:
+            if missing := sorted(set(steps) - set(found)):
+                raise ValueError(f"{folder} has no checkpoint at steps {missing}; it has {sorted(found)}.")
+            found = {step: found[step] for step in steps}
         return {0: None} | dict(sorted(found.items()))
 
     def evaluate(self, step: int, checkpoint: Path | None, final: bool) -> dict:
@@ -390,7 +431,7 @@ def run(
 ) -> dict:
     """Train the arm, evaluate its start and checkpoints, write `organism.json` / `.md` / `.png`."""
     arm = Arm(args, training_args, model_args, guard_args, eval_args)
-    train_log = arm.train()
+    train_log = arm.trained()
     checkpoints = arm.checkpoints()
     last_step = max(checkpoints)
     evals = [arm.evaluate(step, path, final=step in (0, last_step)) for step, path in checkpoints.items()]

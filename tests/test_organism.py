@@ -181,6 +181,22 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| tiny | learning_rate=0.001 | 0 |" in (tmp_path / "out" / "grid.md").read_text()
 
+    # Fresh answers from a finished run's checkpoint (another evaluation seed), without training it again.
+    command = [sys.executable, str(REPO / "recipes" / "em_organism.py"), "--config", str(tmp_path / "medical_bad.yaml")]
+    command += ["--learning_rate", "1e-3", "--organism_evaluate_run", str(bad), "--geoguard_eval_seed", "1"]
+    command += ["--output_dir", str(tmp_path / "confirm" / "bad")]
+    fresh = subprocess.run([*command, "--organism_eval_steps", "1"], capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "Tokenizing train dataset" not in fresh.stderr
+    again = json.loads((tmp_path / "confirm" / "bad" / "organism.json").read_text())
+    assert [s["step"] for s in again["steps"]] == [0, 1] and again["settings"]["eval"]["seed"] == 1
+    assert again["steps"][1]["general"]["n_answers"] == 4  # the last step evaluated: the full sample count
+    assert len(list((tmp_path / "confirm" / "start_evals").glob("*.json"))) == 1  # the start, answered anew
+    wrong = subprocess.run([*command, "--organism_eval_steps", "3"], capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0 and "has no checkpoint at steps [3]; it has [1, 2]" in wrong.stderr
+    other = subprocess.run([*command, "--seed", "1"], capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "was trained with other seed" in other.stderr
+
 
 def test_a_failing_arm_names_the_fix_and_the_grid_runs_the_rest_then_fails(tmp_path):
     cell = {"seeds": [0]}
