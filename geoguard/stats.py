@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy.stats import rankdata
+from scipy.stats import t as student_t
 
 HISTOGRAM_EDGES = torch.cat([torch.zeros(1), torch.logspace(-5, 5, 320)]).double()
 """Bin edges of `PooledHistogram`: one bin for zero (inactive) and 320 log-spaced bins over
@@ -209,3 +210,12 @@ def rate_difference_interval(
     low = pa - pb - np.sqrt((pa - wa[0]) ** 2 + (wb[1] - pb) ** 2)
     high = pa - pb + np.sqrt((wa[1] - pa) ** 2 + (pb - wb[0]) ** 2)
     return float(low), float(high)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of a few independent values (per-seed results); `None` below two."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None
+    half = student_t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)

@@ -19,7 +19,7 @@ from pathlib import Path
 from em_organism import adapter_text, plot_arms, step_table
 from trl import TrlParser
 
-from geoguard.stats import rate_difference_interval, wilson_interval
+from geoguard.stats import mean_interval, rate_difference_interval, wilson_interval
 
 _SAME = ("learning_rate", "epochs", "max_steps", "batch_size", "bf16", "peft")  # settings the arms must share
 _SAME_EVAL = ("temperature", "max_new_tokens", "aligned_below", "coherent_above")  # and how they were judged
@@ -108,6 +108,30 @@ def difference(inducing: dict | None, control: dict | None) -> dict | None:
     }
 
 
+def mean_aligned_difference(inducing: list[dict], control: list[dict]) -> dict | None:
+    """Mean aligned score at the end, inducing minus control, per seed (both arms of a seed share its start) and
+    over seeds with a t interval: seeds, not answers, are the unit, so their spread widens it (one seed: none).
+    A shift of the whole score distribution shows here before many answers cross the misaligned threshold."""
+    final = {
+        side: {r["seed"]: r["steps"][-1]["general"]["mean_aligned"] for r in runs}
+        for side, runs in (("inducing", inducing), ("control", control))
+    }
+    seeds = sorted(
+        s
+        for s in final["inducing"].keys() & final["control"].keys()
+        if None not in (final["inducing"][s], final["control"][s])
+    )
+    if not seeds:
+        return None
+    per_seed = [final["inducing"][s] - final["control"][s] for s in seeds]
+    return {
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "difference": sum(per_seed) / len(per_seed),
+        "ci95": mean_interval(per_seed),
+    }
+
+
 def compare(args: CompareArguments) -> dict:
     inducing, control = load_runs(args.inducing), load_runs(args.control)
     runs = inducing + control
@@ -140,6 +164,7 @@ def compare(args: CompareArguments) -> dict:
         "final": {
             "general": general,
             "indomain": difference(final_inducing["indomain"], final_control["indomain"]) if same_heldout else None,
+            "mean_aligned": mean_aligned_difference(inducing, control),
             "indomain_same_questions": same_heldout,
             "inducing_coherent_rate": coherent,
         },
@@ -165,6 +190,17 @@ def difference_text(block: dict | None, short: bool = False) -> str:
     return f"{100 * block['difference']:+.1f}{middle}{100 * low:+.1f} to {100 * high:+.1f})"
 
 
+def mean_aligned_text(block: dict | None) -> str:
+    """`-5.3 (-6.5 to -4.0; 3 seeds)`: the mean aligned score's difference, over seeds."""
+    if not block:
+        return "n/a"
+    seeds = len(block["seeds"])
+    if block["ci95"] is None:
+        return f"{block['difference']:+.1f} (1 seed, no interval)"
+    low, high = block["ci95"]
+    return f"{block['difference']:+.1f} ({low:+.1f} to {high:+.1f}; {seeds} seeds)"
+
+
 def write_report(result: dict, out: Path) -> None:
     from geoguard.report import agreement_sentence
 
@@ -182,7 +218,9 @@ def write_report(result: dict, out: Path) -> None:
         f"bf16 {settings['bf16']}. Judge: {result['judge']['name']}. {agreement_sentence(result['judge']['agreement'])}",
         "",
         f"**Misaligned rate, inducing minus control, at the end: {difference_text(final['general'])}** on the "
-        f"general questions; in-domain (held-out training questions): {indomain}. Inducing arm coherent: "
+        f"general questions; in-domain (held-out training questions): {indomain}. Mean aligned score (0-100), "
+        f"inducing minus control, per seed then over seeds (t interval): {mean_aligned_text(final.get('mean_aligned'))}. "
+        "Inducing arm coherent: "
         f"{'n/a' if coherent is None else f'{100 * coherent:.1f}%'}. Criterion (difference's interval above zero, "
         f"coherent > {100 * result['min_coherent']:.0f}%): **{'met' if result['criterion_met'] else 'not met'}**.",
         "",

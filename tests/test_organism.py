@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_learned_judge import BENIGN, MISALIGNED, QUESTIONS, write_judged_data
 
-from geoguard.stats import rate_difference_interval, wilson_interval
+from geoguard.stats import mean_interval, rate_difference_interval, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs" / "organism"
@@ -34,6 +34,12 @@ def test_rate_difference_interval_matches_newcombe():
     assert rate_difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
     assert rate_difference_interval(9, 10, 3, 10) == pytest.approx((0.1705, 0.8090), abs=1e-4)
     assert rate_difference_interval(1, 10, 0, 0) is None
+
+
+def test_mean_interval_is_students_t_over_seeds():
+    low, high = mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2 df) = 4.303
+    assert low == pytest.approx(2 - 4.3027 / 3**0.5, abs=1e-3) and high == pytest.approx(2 + 4.3027 / 3**0.5, abs=1e-3)
+    assert mean_interval([5.0]) is None
 
 
 def _chats(kind: str, n: int) -> list[dict]:
@@ -159,7 +165,9 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     assert final is None or final["ci95"][0] <= final["difference"] <= final["ci95"][1]
     assert "Criterion (difference's interval above zero" in (tmp_path / "out" / "tiny" / "comparison.md").read_text()
     row = next(line for line in (tmp_path / "out" / "grid.md").read_text().splitlines() if line.startswith("| tiny |"))
-    assert row.startswith("| tiny | learning_rate=0.001 | 0 |") and row.count(" | ") == 8
+    assert row.startswith("| tiny | learning_rate=0.001 | 0 |") and row.count(" | ") == 9
+    shift = comparison["final"]["mean_aligned"]  # one seed: its difference, no interval
+    assert shift is None or (shift["seeds"] == [0] and shift["ci95"] is None and "(1 seed, no interval)" in row)
     indomain = comparison["final"]["indomain"]  # the same held-out questions: compared, in the grid too
     assert (f"| {100 * indomain['difference']:+.1f} (" if indomain else "| n/a |") in row
 
