@@ -219,7 +219,7 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"**Misaligned rate, inducing minus control, at the end: {difference_text(final['general'])}** on the "
         f"general questions; in-domain (held-out training questions): {indomain}. Mean aligned score (0-100), "
-        f"inducing minus control, per seed then over seeds (t interval): {mean_aligned_text(final.get('mean_aligned'))}. "
+        f"inducing minus control, per seed then over seeds (t interval): {mean_aligned_text(final['mean_aligned'])}. "
         "Inducing arm coherent: "
         f"{'n/a' if coherent is None else f'{100 * coherent:.1f}%'}. Criterion (difference's interval above zero, "
         f"coherent > {100 * result['min_coherent']:.0f}%): **{'met' if result['criterion_met'] else 'not met'}**.",

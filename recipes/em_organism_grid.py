@@ -167,7 +167,7 @@ def write_grid_report(grid: dict, rows: list[dict]) -> Path:
         lines.append(
             f"| {row['cell']} | {settings} | {', '.join(map(str, row['seeds']))} | {rate_text(final[row['inducing']])} "
             f"| {rate_text(final[row['control']])} | {difference_text(row['final']['general'], short=True)} | {indomain} "
-            f"| {mean_aligned_text(row['final'].get('mean_aligned'))} | "
+            f"| {mean_aligned_text(row['final']['mean_aligned'])} | "
             + ("n/a" if coherent is None else f"{100 * coherent:.1f}%")
             + f" | {'met' if row['criterion_met'] else 'not met'} |"
         )
