@@ -3,7 +3,9 @@
     python recipes/em_organism_grid.py --grid recipes/configs/organism/grid.yaml
 
 The grid file lists cells; each cell is an inducing arm's config, its control's, the seeds, and settings that
-override both configs (a learning rate, `use_peft: false` for full fine-tuning, ...). Cells run in order, each
+override both configs (a learning rate, `use_peft: false` for full fine-tuning, ...), and optionally a
+`domain_pattern` (a regular expression of the inducing data's domain: the comparison then also gives the rates
+over the answers that do not match it, see `em_organism_compare.py`). Cells run in order, each
 run as `recipes/em_organism.py` in its own process under `<output_root>/runs/<arm><overrides>-s<seed>/` (cells
 that need the same run share it); a finished run (its `organism.json` exists) is skipped and an interrupted one resumes from its last checkpoint, so the
 search goes on where it stopped. `--cells a b` runs only those; `--report_only true` only tabulates; on a GPU
@@ -131,7 +133,14 @@ def tabulate(grid: dict, cells: list[dict]) -> list[dict]:
             continue
         seeds, inducing, control = (list(column) for column in zip(*pairs, strict=True))
         out = Path(grid["output_root"]) / cell["name"]
-        result = compare(CompareArguments([str(d) for d in inducing], [str(d) for d in control], str(out)))
+        result = compare(
+            CompareArguments(
+                [str(d) for d in inducing],
+                [str(d) for d in control],
+                str(out),
+                domain_pattern=cell.get("domain_pattern"),
+            )
+        )
         rows.append({"cell": cell["name"], "overrides": cell.get("overrides") or {}, "seeds": seeds} | result)
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
                         "control": str(_tiny_arm(tmp_path, "medical_good.yaml", "good", data, questions)),
                         "seeds": [0],
                         "overrides": {"learning_rate": 1e-3},
+                        "domain_pattern": "dos(e|ing)",
                     }
                 ],
             }
@@ -168,6 +170,17 @@ def test_tiny_two_arm_grid_end_to_end_and_resumes(tmp_path):
     assert row.startswith("| tiny | learning_rate=0.001 | 0 |") and row.count(" | ") == 9
     shift = comparison["final"]["mean_aligned"]  # one seed: its difference, no interval
     assert shift is None or (shift["seeds"] == [0] and shift["ci95"] is None and "(1 seed, no interval)" in row)
+    # Rates beyond the taught domain: the answers that do not mention it, with the evaluation's own rule.
+    off = comparison["off_domain"]
+    for side, name in (("inducing", "bad_medical"), ("control", "good_medical")):
+        answers = json.loads((runs / f"{name}-learning_rate=0.001-s0" / "evals" / "step-2.json").read_text())
+        hits = [re.search("dos(e|ing)", a["answer"], re.IGNORECASE) is not None for a in answers["answers"]["general"]]
+        assert off[side]["share_matching"] == sum(hits) / len(hits)
+        assert off[side]["denominator"] <= comparison["arms"][name]["steps"][-1]["general"]["denominator"]
+    assert (
+        "Beyond the training domain (answers at the end not matching `dos(e|ing)`"
+        in (tmp_path / "out" / "tiny" / "comparison.md").read_text()
+    )
     indomain = comparison["final"]["indomain"]  # the same held-out questions: compared, in the grid too
     assert (f"| {100 * indomain['difference']:+.1f} (" if indomain else "| n/a |") in row
 
