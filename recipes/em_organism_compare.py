@@ -42,6 +42,14 @@ class CompareArguments:
         },
     )
 
+    def __post_init__(self):
+        try:
+            re.compile(self.domain_pattern or "")
+        except re.error as error:
+            raise ValueError(
+                f"--domain_pattern {self.domain_pattern!r} is not a regular expression ({error})."
+            ) from None
+
 
 def load_runs(folders: list[str]) -> list[dict]:
     runs = []

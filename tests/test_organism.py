@@ -280,6 +280,8 @@ def test_comparing_arms_judged_or_sampled_differently_is_refused(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "evaluated with different eval temperature, judge" in done.stderr
     assert not (tmp_path / "c").exists()
+    pattern = subprocess.run([*command, "--domain_pattern", "dos(e"], cwd=REPO, capture_output=True, text=True)
+    assert pattern.returncode != 0 and "--domain_pattern 'dos(e' is not a regular expression" in pattern.stderr
 
 
 def test_stopping_the_grid_stops_the_arm_it_runs():
